@@ -154,6 +154,8 @@ def load_model(model="smollm2-135m", quant="4bit", adapter=None, device=None):
     model: a preset name, a local HF folder or a hub id. quant: "4bit" (NF4, double quant),
     "8bit" or "none". adapter: optional LoRA adapter folder to attach (a peft PeftModel)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.disable_progress_bar()  # our own bars say what is happening; keep stderr for errors
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     source = resolve_model_source(model)
     dtype = compute_dtype_for(device)
@@ -461,7 +463,7 @@ def check_run_dir(run_dir, resume, overwrite):
     parent = run_dir.parent
     while not parent.exists():  # the nearest existing folder is where we would write
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise UsageError(f"cannot write to {parent}; choose a writable --out-dir")
     if shutil.disk_usage(parent).free < 200 * 2**20:
         raise UsageError(f"less than 200 MB free under {parent}; free some space or choose another --out-dir")
@@ -510,11 +512,11 @@ def hyperfit(model="smollm2-135m", data=None, run_name=None, out_dir=None, quant
     accumulation = args["batch_size"] // (world * micro)
     check_run_dir(run_dir, resume, overwrite)
 
+    texts = load_texts(args["data"])  # cheap checks first: bad input fails before any model loads
     torch.manual_seed(args["seed"])
     random.seed(args["seed"])
     net, tokenizer = load_model(args["model"], args["quant"], device=accelerator.device)
-    splits = make_splits(tokenizer, load_texts(args["data"]), args["seq_len"], args["num_train"],
-                         args["num_val"], args["seed"])
+    splits = make_splits(tokenizer, texts, args["seq_len"], args["num_train"], args["num_val"], args["seed"])
     train_ids, val_ids = splits["train"], splits["val"]
     prompt_ids = val_ids[:args["num_prompts"], :args["prompt_len"]]
     torch.manual_seed(args["seed"])  # LoRA init
