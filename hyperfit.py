@@ -700,7 +700,9 @@ def main(argv=None):
     except NumericalError as e:
         print(f"hyperfit.py: {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"done: {run_dir}  (next: python evaluate.py {os.path.relpath(run_dir)} && python plot.py {os.path.relpath(run_dir)})")
+    from accelerate import PartialState
+    if PartialState().is_main_process:
+        print(f"done: {run_dir}  (next: python evaluate.py {os.path.relpath(run_dir)} && python plot.py {os.path.relpath(run_dir)})")
 
 
 if __name__ == "__main__":
