@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -211,7 +212,9 @@ def add_lora(model, r=16, alpha=32, last_layers=None, gradient_checkpointing=Fal
                and int(name.split(".layers.")[1].split(".")[0]) >= first]
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         # casts norms to fp32 and enables input grads; gradient checkpointing only if asked
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        with warnings.catch_warnings():  # peft calls an API transformers has deprecated: not the user's concern
+            warnings.simplefilter("ignore", FutureWarning)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
@@ -693,15 +696,9 @@ def main(argv=None):
     args = vars(p.parse_args(argv))
     try:
         run_dir = hyperfit(**args)
-    except UsageError as e:
+    except (UsageError, RunInterrupted, NumericalError) as e:
         print(f"hyperfit.py: {e}", file=sys.stderr)
-        sys.exit(2)
-    except RunInterrupted as e:
-        print(f"hyperfit.py: {e}", file=sys.stderr)
-        sys.exit(130)
-    except NumericalError as e:
-        print(f"hyperfit.py: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit({UsageError: 2, RunInterrupted: 130, NumericalError: 1}[type(e)])
     from accelerate import PartialState
     if PartialState().is_main_process:
         print(f"done: {run_dir}  (next: python evaluate.py {os.path.relpath(run_dir)} && python plot.py {os.path.relpath(run_dir)})")
