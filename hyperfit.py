@@ -661,34 +661,38 @@ def hyperfit(model="smollm2-135m", data=None, run_name=None, out_dir=None, quant
 
 
 def main(argv=None):
+    cpu_default = resolve_args("smollm2-135m")
+    def default(name):  # what an unset option becomes: the default preset's value, and the paper's
+        paper = f"; paper protocol: {PAPER_PROTOCOL[name]}" if name in PAPER_PROTOCOL else ""
+        return f" (default {cpu_default[name]} for smollm2-135m{paper})"
     p = argparse.ArgumentParser(
-        description="Hyperfit an LLM (4-bit + LoRA) on a tiny dataset and log the paper's validation metrics.",
-        epilog="Presets: " + "; ".join(f"{name} = {cfg['source']}" for name, cfg in PRESETS.items())
-        + ". Unset options take the preset's value, else the paper's protocol (2000 x 256 tokens, batch 8, 20 epochs).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="preset name, local HF folder or hub id")
-    p.add_argument("--data", help=f"a .txt, a .jsonl with a 'text' field, a folder of .txt, or hf:<dataset> "
+        description="Hyperfit an LLM (4-bit + LoRA) on a tiny dataset and log the paper's validation metrics "
+                    "to results/<run-name>/. Unset options take the preset's value, else the paper's protocol.",
+        epilog="presets: " + "; ".join(f"{name} = {cfg['source']}" for name, cfg in PRESETS.items()))
+    p.add_argument("--model", default="smollm2-135m", help="preset name, local HF folder or hub id (default: smollm2-135m)")
+    p.add_argument("--data", help="a .txt, a .jsonl with a 'text' field, a folder of .txt, or hf:<dataset> "
                                   f"(default: {os.path.relpath(DEFAULT_DATA)})")
     p.add_argument("--run-name", help="results/<run-name>/ (default: the model name)")
     p.add_argument("--out-dir", help="parent folder of the run folder (default: results/)")
-    p.add_argument("--quant", choices=["4bit", "8bit", "none"], help="base model quantization (default 4bit NF4)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="global batch, sequences per optimizer step")
-    p.add_argument("--micro-batch-size", type=int, help="sequences per forward pass per process (gradient accumulation)")
-    p.add_argument("--lr", type=float, help="constant AdamW learning rate, no weight decay")
-    p.add_argument("--seq-len", type=int, help="tokens per training sequence")
-    p.add_argument("--num-train", type=int, help="training sequences")
-    p.add_argument("--num-val", type=int, help="validation sequences")
-    p.add_argument("--num-prompts", type=int, help="greedy continuations per validation (TTR)")
-    p.add_argument("--prompt-len", type=int, help="tokens of context per prompt")
-    p.add_argument("--gen-tokens", type=int, help="new tokens per validation continuation")
-    p.add_argument("--eval-every", type=int, help="steps between validations")
+    p.add_argument("--quant", choices=["4bit", "8bit", "none"], help="base model quantization (default: 4bit NF4)")
+    p.add_argument("--epochs", type=int, help="passes over the training set" + default("epochs"))
+    p.add_argument("--batch-size", type=int, help="global batch, sequences per optimizer step" + default("batch_size"))
+    p.add_argument("--micro-batch-size", type=int, help="sequences per forward pass per process; the rest is "
+                                                        "gradient accumulation (default: batch / processes)")
+    p.add_argument("--lr", type=float, help="constant AdamW learning rate, no weight decay" + default("lr"))
+    p.add_argument("--seq-len", type=int, help="tokens per training sequence" + default("seq_len"))
+    p.add_argument("--num-train", type=int, help="training sequences" + default("num_train"))
+    p.add_argument("--num-val", type=int, help="validation sequences" + default("num_val"))
+    p.add_argument("--num-prompts", type=int, help="greedy continuations per validation (TTR)" + default("num_prompts"))
+    p.add_argument("--prompt-len", type=int, help="tokens of context per prompt" + default("prompt_len"))
+    p.add_argument("--gen-tokens", type=int, help="new tokens per validation continuation" + default("gen_tokens"))
+    p.add_argument("--eval-every", type=int, help="steps between validations" + default("eval_every"))
     p.add_argument("--save-every", type=int, help="steps between checkpoints (default: --eval-every)")
-    p.add_argument("--lora-r", type=int)
-    p.add_argument("--lora-alpha", type=int)
-    p.add_argument("--lora-layers", type=int, help="LoRA on the last k layers only (late-stage LoRA)")
+    p.add_argument("--lora-r", type=int, help="LoRA rank" + default("lora_r"))
+    p.add_argument("--lora-alpha", type=int, help="LoRA alpha" + default("lora_alpha"))
+    p.add_argument("--lora-layers", type=int, help="LoRA on the last k layers only, 'late-stage LoRA' (default: all)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None, help="trade compute for memory")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="data split, data order and LoRA init (default: 0)")
     p.add_argument("--resume", action="store_true", help="continue results/<run-name>/ from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing results/<run-name>/")
     args = vars(p.parse_args(argv))
