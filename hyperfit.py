@@ -547,11 +547,9 @@ def hyperfit(model="smollm2-135m", data=None, run_name=None, out_dir=None, quant
     if accelerator.is_main_process:
         create_run_dir(run_dir, resume, overwrite)
         if checkpoint is not None:  # drop records written after the checkpoint we resume from
-            kept = [r for r in read_jsonl(metrics_path) if r["step"] <= step]
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            samples_path = run_dir / "samples.jsonl"
-            kept = [r for r in read_jsonl(samples_path) if r["step"] <= step]
-            samples_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            for path in (metrics_path, run_dir / "samples.jsonl"):
+                kept = [r for r in read_jsonl(path) if r["step"] <= step]
+                path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         config = dict(run_name=args["run_name"], args=args, steps_per_epoch=steps_per_epoch,
                       total_steps=total_steps, processes=world, micro_batch_size=micro,
                       gradient_accumulation=accumulation,
@@ -606,9 +604,10 @@ def hyperfit(model="smollm2-135m", data=None, run_name=None, out_dir=None, quant
             mine = batch.tensor_split(world)[accelerator.process_index]
             tokens_in_batch = len(batch) * (args["seq_len"] - 1)
             step_loss = torch.zeros((), device=accelerator.device)
-            for i, micro_idx in enumerate(mine.split(micro)):
+            micro_batches = mine.split(micro)
+            for i, micro_idx in enumerate(micro_batches):
                 ids = train_ids[micro_idx].to(accelerator.device)
-                last = i == len(mine.split(micro)) - 1
+                last = i == len(micro_batches) - 1
                 with accelerator.no_sync(net) if not last else contextlib.nullcontext():
                     logits = net(input_ids=ids).logits[:, :-1].float()
                     loss_sum_micro = torch.nn.functional.cross_entropy(
