@@ -1,5 +1,7 @@
-"""Shared fixtures: a tiny random Llama with its own tiny tokenizer, saved as an ordinary
-Hugging Face folder, so every test runs the kit's real loading path (4-bit + LoRA) in seconds."""
+"""Shared fixtures: tiny random Llamas with their own tiny tokenizers (hyperfit.random_model), saved
+as ordinary Hugging Face folders, so every test runs the kit's real loading path (4-bit + LoRA) in
+seconds; and the settings of a tiny run."""
+
 import sys
 from pathlib import Path
 
@@ -9,30 +11,32 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import hyperfit  # noqa: E402
+
 ALICE = ROOT / "data" / "fiction" / "carroll_alice_in_wonderland.txt"
+# a tiny run: 64-token sequences, 24 training sequences (3 steps per epoch at batch 8)
+TINY_RUN = dict(
+    quant="4bit",
+    seq_len=64,
+    num_train=24,
+    num_val=8,
+    num_prompts=4,
+    prompt_len=16,
+    gen_tokens=16,
+    batch_size=8,
+    lr=1e-2,
+    progress=False,
+)
 
 
-def build_tiny_model(folder, text, vocab_size=384, seed=0):
-    """Save a 2-layer Llama (hidden 64) and a byte-level BPE tokenizer trained on `text` to `folder`.
-    initializer_range=0.3: at the usual 0.02 a frozen random model barely moves under LoRA."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([text], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<eos>")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         initializer_range=0.3, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and on a CPU shared with other jobs two OpenMP
+    threads can be 10x slower (they spin waiting for each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +47,13 @@ def tiny_text():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_text):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), tiny_text)
+    return hyperfit.random_model(tmp_path_factory.mktemp("tiny-llama"), tiny_text)
+
+
+@pytest.fixture(scope="session")
+def tiny_bos_model_dir(tmp_path_factory, tiny_text):
+    """The same with a tokenizer that starts every text with <s> (as Llama's and DeepSeek's do)."""
+    return hyperfit.random_model(tmp_path_factory.mktemp("tiny-bos"), tiny_text, bos=True)
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +62,23 @@ def tiny_data(tmp_path_factory, tiny_text):
     path = tmp_path_factory.mktemp("data") / "alice.txt"
     path.write_text(tiny_text, encoding="utf-8")
     return str(path)
+
+
+def tiny_run(model_dir, data, out_dir, name, **settings):
+    """Hyperfit the tiny model with TINY_RUN's settings (and `settings` on top)."""
+    return Path(
+        hyperfit.hyperfit(
+            model=model_dir,
+            data=data,
+            out_dir=str(out_dir),
+            run_name=name,
+            **dict(TINY_RUN, **settings),
+        )
+    )
+
+
+@pytest.fixture(params=["float32", "bfloat16"])
+def compute_dtype(request):
+    """A dtype-sensitive test runs at both compute dtypes the project's CPUs give (fp32 without
+    AVX512-BF16, bf16 with it), whichever kind this machine is."""
+    return request.param

@@ -1,4 +1,5 @@
 """hyperfit.py unchanged under `accelerate launch` with 2 data-parallel CPU processes (gloo)."""
+
 import json
 import os
 import subprocess
@@ -7,46 +8,105 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-import hyperfit as hf
+import hyperfit
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = ["--seq-len", "64", "--num-train", "24", "--num-val", "8", "--num-prompts", "4", "--prompt-len", "16",
-        "--gen-tokens", "16", "--lr", "1e-2", "--epochs", "2", "--eval-every", "3"]
+ARGS = [
+    "--seq-len",
+    "64",
+    "--num-train",
+    "24",
+    "--num-val",
+    "8",
+    "--num-prompts",
+    "4",
+    "--prompt-len",
+    "16",
+    "--gen-tokens",
+    "16",
+    "--lr",
+    "1e-2",
+    "--epochs",
+    "2",
+    "--eval-every",
+    "3",
+]
 
 
 def test_two_processes_match_one_process(tiny_model_dir, tiny_data, tmp_path):
     common = ["--model", tiny_model_dir, "--data", tiny_data, "--out-dir", str(tmp_path)] + ARGS
-    # accelerate's --multi_gpu launcher is torchrun; on a machine without GPUs each process runs on the
-    # CPU and Accelerator joins them with gloo (accelerate's own --cpu launcher needs mpirun instead).
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run(launch + [str(ROOT / "hyperfit.py"), "--run-name", "two"] + common,
-                          env=env, capture_output=True, text=True, timeout=600)
+    # accelerate's --multi_gpu launcher is torchrun; on a machine without GPUs each process runs on
+    # the CPU and Accelerator joins them with gloo (accelerate's own --cpu launcher needs mpirun).
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29533",
+    ]
+    # fp32 compute, forced: this test is about data parallelism, and bf16 (what an AVX512-BF16 CPU
+    # picks) rounds the two all-reduce orders apart by 3.5e-3 where fp32 stays within 3.5e-5
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", HYPERFIT_DTYPE="float32")
+    done = subprocess.run(
+        launch + [str(ROOT / "hyperfit.py"), "--run-name", "two"] + common,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("done: ") == 1  # only the main process reports
-    hf.main(["--run-name", "one"] + common)
+    os.environ["HYPERFIT_DTYPE"] = "float32"
+    try:
+        assert hyperfit.main(["--run-name", "one"] + common) == 0
+    finally:
+        del os.environ["HYPERFIT_DTYPE"]
 
     one, two = tmp_path / "one", tmp_path / "two"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # one results folder per run
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "one",
+        "two",
+    ]  # one results folder per run
     config = json.loads((two / "config.json").read_text())
-    assert config["processes"] == 2 and config["micro_batch_size"] == 4 and config["gradient_accumulation"] == 1
-    assert len(hf.read_jsonl(two / "metrics.jsonl")) == 3  # written once, by the main process
-    # Same data order and global batch; only the all-reduce adds gradients in another order, so float32
-    # sums differ in the last bits and Adam (which divides by sqrt of tiny second moments) carries that into
-    # the weights. Six steps at lr 1e-2 measured 3.5e-5; 1e-3 is 10% of one step's largest possible move.
-    a, b = load_file(one / "adapter" / "adapter_model.safetensors"), load_file(two / "adapter" / "adapter_model.safetensors")
+    assert (
+        config["processes"] == 2
+        and config["micro_batch_size"] == 4
+        and config["gradient_accumulation"] == 1
+    )
+    assert len(hyperfit.read_jsonl(two / "metrics.jsonl")) == 3  # written once, by the main process
+    # Same data order and global batch; only the all-reduce adds gradients in another order, so
+    # float32 sums differ in the last bits and Adam (which divides by sqrt of tiny second moments)
+    # carries that into the weights. Six steps at lr 1e-2 measured 3.5e-5; 1e-3 is 10% of one
+    # step's largest possible move.
+    a, b = (
+        load_file(one / "adapter" / "adapter_model.safetensors"),
+        load_file(two / "adapter" / "adapter_model.safetensors"),
+    )
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-3
-    losses = [(r["train_loss"], s["train_loss"]) for r, s in zip(hf.read_jsonl(one / "metrics.jsonl"),
-                                                                hf.read_jsonl(two / "metrics.jsonl"))][1:]
+    losses = [
+        (r["train_loss"], s["train_loss"])
+        for r, s in zip(
+            hyperfit.read_jsonl(one / "metrics.jsonl"), hyperfit.read_jsonl(two / "metrics.jsonl")
+        )
+    ][1:]
     assert all(abs(x - y) < 1e-4 for x, y in losses)
 
 
 def test_global_batch_that_does_not_split_is_refused(tiny_model_dir, tiny_data, tmp_path, capsys):
-    import pytest
-    with pytest.raises(SystemExit) as exit_info:
-        hf.main(["--model", tiny_model_dir, "--data", tiny_data, "--out-dir", str(tmp_path)] + ARGS
-                + ["--micro-batch-size", "3"])
-    assert exit_info.value.code == 2
+    code = hyperfit.main(
+        ["--model", tiny_model_dir, "--data", tiny_data, "--out-dir", str(tmp_path)]
+        + ARGS
+        + ["--micro-batch-size", "3"]
+    )
+    assert code == 2
     assert "global batch 8 cannot be split" in capsys.readouterr().err

@@ -1,142 +1,32 @@
-"""Training through the real 4-bit + LoRA path on a tiny random Llama, and the run's reliability:
-bad input, interrupt and resume, atomic checkpoints, NaN guard, determinism."""
+"""Training through the real 4-bit + LoRA path on a tiny random Llama: it hyperfits, it resumes
+exactly, it is deterministic, and the training step is the paper's."""
+
 import json
-import os
-import signal
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run
 
-import hyperfit as hf
-from evaluate import generate
-
-TINY_RUN = dict(quant="4bit", seq_len=64, num_train=24, num_val=8, num_prompts=4, prompt_len=16,
-                gen_tokens=16, batch_size=8, lr=1e-2, progress=False)
-
-
-def run(tiny_model_dir, tiny_data, out_dir, name, **kwargs):
-    return Path(hf.hyperfit(model=tiny_model_dir, data=tiny_data, out_dir=str(out_dir), run_name=name,
-                            **dict(TINY_RUN, **kwargs)))
+import hyperfit
 
 
 def metrics_without_timings(run_dir):
-    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in hf.read_jsonl(run_dir / "metrics.jsonl")]
+    return [
+        {k: v for k, v in r.items() if k != "elapsed_s"}
+        for r in hyperfit.read_jsonl(run_dir / "metrics.jsonl")
+    ]
 
 
 def adapter_tensors(run_dir, folder="adapter"):
     from safetensors.torch import load_file
+
     return load_file(run_dir / folder / "adapter_model.safetensors")
 
 
-def test_tiny_model_hyperfits_to_near_zero_loss(tiny_model_dir, tiny_data, tmp_path):
-    run_dir = run(tiny_model_dir, tiny_data, tmp_path, "fit", num_train=16, epochs=30, eval_every=20)
-    records = hf.read_jsonl(run_dir / "metrics.jsonl")
-    first, last = records[0], records[-1]
-    assert first["step"] == 0 and first["train_loss"] is None
-    assert last["step"] == 60 and last["epoch"] == 30
-    assert last["train_loss"] < 0.3                      # near-zero training loss ...
-    assert last["val_loss"] > first["val_loss"]          # ... while validation loss rises
-    for key in ("val_entropy", "val_top1_prob", "ttr_last96"):
-        assert all(0 <= r[key] < 10 for r in records)
-    config = json.loads((run_dir / "config.json").read_text())
-    assert config["args"]["lr"] == 1e-2 and config["steps_per_epoch"] == 2
-    assert config["versions"]["torch"] and "git_commit" in config and config["args"]["seed"] == 0
-    assert (run_dir / "adapter" / "adapter_config.json").exists()
-    samples = hf.read_jsonl(run_dir / "samples.jsonl")
-    assert {s["step"] for s in samples} == {0, 20, 40, 60} and all(s["continuation"] for s in samples)
-
-
-def lora_model(tiny_model_dir, **kwargs):
-    model, tokenizer = hf.load_model(tiny_model_dir, "4bit", device="cpu")
-    torch.manual_seed(0)
-    return hf.add_lora(model, **kwargs), tokenizer
-
-
-def test_gradients_reach_every_lora_tensor_after_generate(tiny_model_dir):
-    """Guards the bitsandbytes CPU repack trap: after an eval-mode generate, backprop must still
-    reach every LoRA tensor (lora_B starts at zero, so lora_A gets gradient from step 2)."""
-    model, _ = lora_model(tiny_model_dir)
-    ids = torch.randint(0, 300, (4, 24))
-    generate(model, ids[:, :8], 8)
-    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    assert lora and all("lora_" in n for n in lora)
-    optimizer = torch.optim.AdamW(lora.values(), lr=1e-2)
-    for _ in range(2):
-        model.train()
-        model(input_ids=ids, labels=ids).loss.backward()
-        grads = {n: p.grad.abs().sum().item() for n, p in lora.items()}
-        optimizer.step()
-        optimizer.zero_grad()
-        generate(model, ids[:, :8], 4)
-    assert all(g > 0 for g in grads.values()), [n for n, g in grads.items() if g == 0]
-
-
-def test_late_stage_lora_targets_only_the_last_layers(tiny_model_dir):
-    model, _ = lora_model(tiny_model_dir, last_layers=1)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert names and all(".layers.1." in n for n in names)
-    assert len(names) == 2 * len(hf.LORA_TARGETS)
-    with pytest.raises(hf.UsageError, match="the model has 2 layers"):
-        lora_model(tiny_model_dir, last_layers=3)
-
-
-def test_adapter_save_and_reload_gives_identical_logits_and_generations(tiny_model_dir, tmp_path):
-    model, _ = lora_model(tiny_model_dir)
-    ids = torch.randint(0, 300, (4, 24))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(tmp_path / "adapter")
-    reloaded, _ = hf.load_model(tiny_model_dir, "4bit", adapter=str(tmp_path / "adapter"), device="cpu")
-    model.eval()
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
-    assert torch.equal(generate(model, ids[:, :8], 12), generate(reloaded, ids[:, :8], 12))
-
-
-def test_dense_copy_matches_the_quantized_lora_model(tiny_model_dir):
-    model, _ = lora_model(tiny_model_dir)
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data.normal_(0, 0.1)  # a non-trivial adapter
-    ids = torch.randint(0, 300, (2, 16))
-    model.eval()
-    with torch.no_grad():
-        tuned = model(input_ids=ids).logits
-        assert torch.allclose(hf.dense_copy(model)(input_ids=ids).logits, tuned, atol=1e-4)
-        with model.disable_adapter():
-            original = model(input_ids=ids).logits
-            assert torch.allclose(hf.dense_copy(model)(input_ids=ids).logits, original, atol=1e-4)
-    assert not torch.allclose(tuned, original, atol=1e-2)
-
-
-def test_interrupt_and_resume_equals_an_uninterrupted_run(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
-    settings = dict(epochs=3, eval_every=2)  # 24 sequences / batch 8 = 3 steps per epoch, 9 steps
-    straight = run(tiny_model_dir, tiny_data, tmp_path, "straight", **settings)
-
-    # SIGINT arrives while step 5 computes (epoch 2, mid-epoch): the step finishes, then the run saves and stops
-    real_batches, calls = hf.global_batches, []
-    def batches_then_interrupt(*args):
-        calls.append(args)
-        if len(calls) == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_batches(*args)
-    monkeypatch.setattr(hf, "global_batches", batches_then_interrupt)
-    with pytest.raises(hf.RunInterrupted, match="interrupted at step 5/9.*--resume"):
-        run(tiny_model_dir, tiny_data, tmp_path, "resumed", **settings)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
-    state = torch.load(tmp_path / "resumed" / "checkpoint" / "trainer_state.pt", weights_only=False)
-    assert state["step"] == 5 and not (tmp_path / "resumed" / "adapter").exists()
-    monkeypatch.setattr(hf, "global_batches", real_batches)
-
-    resumed = run(tiny_model_dir, tiny_data, tmp_path, "resumed", resume=True, **settings)
-    assert_close_records(metrics_without_timings(resumed), metrics_without_timings(straight))
-    a, b = adapter_tensors(straight), adapter_tensors(resumed)
+def assert_same_adapter(a_dir, b_dir, tol=1e-6, folder="adapter"):
+    a, b = adapter_tensors(a_dir, folder), adapter_tensors(b_dir, folder)
     assert a.keys() == b.keys()
-    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= tol
 
 
 def assert_close_records(xs, ys, tol=1e-6):
@@ -150,116 +40,198 @@ def assert_close_records(xs, ys, tol=1e-6):
                 assert x[k] == y[k], (k, x[k], y[k])
 
 
-def test_same_seed_gives_identical_metrics(tiny_model_dir, tiny_data, tmp_path):
-    a = run(tiny_model_dir, tiny_data, tmp_path, "a", epochs=2, eval_every=3)
-    b = run(tiny_model_dir, tiny_data, tmp_path, "b", epochs=2, eval_every=3)
+def test_tiny_model_hyperfits_to_near_zero_loss(tiny_model_dir, tiny_data, tmp_path):
+    run_dir = tiny_run(
+        tiny_model_dir, tiny_data, tmp_path, "fit", num_train=16, epochs=30, eval_every=20
+    )
+    records = hyperfit.read_jsonl(run_dir / "metrics.jsonl")
+    first, last = records[0], records[-1]
+    assert first["step"] == 0 and first["train_loss"] is None
+    assert last["step"] == 60 and last["epoch"] == 30
+    assert last["train_loss"] < 0.3  # near-zero training loss ...
+    assert last["val_loss"] > first["val_loss"]  # ... while validation loss rises
+    for key in ("val_entropy", "val_top1_prob", "ttr_last96"):
+        assert all(0 <= r[key] < 10 for r in records)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["args"]["lr"] == 1e-2 and config["steps_per_epoch"] == 2
+    assert config["versions"]["torch"] and "git_commit" in config and config["args"]["seed"] == 0
+    # what decides the numbers beyond the settings: dtype, threads, CPU flags (README: Reliability)
+    assert config["compute_dtype"] in ("float32", "bfloat16") and config["torch_threads"] >= 1
+    assert isinstance(config["cpu_flags"], list) and config["cpu"]
+    assert (run_dir / "adapter" / "adapter_config.json").exists()
+    samples = hyperfit.read_jsonl(run_dir / "samples.jsonl")
+    assert {s["step"] for s in samples} == {0, 20, 40, 60} and all(
+        s["continuation"] for s in samples
+    )
+
+
+def lora_net(tiny_model_dir, dtype="float32", **kwargs):
+    net, tokenizer = hyperfit.load_model(tiny_model_dir, "4bit", device="cpu", dtype=dtype)
+    torch.manual_seed(0)
+    return hyperfit.add_lora(net, **kwargs), tokenizer
+
+
+def test_gradients_reach_every_lora_tensor_after_generate(tiny_model_dir):
+    """Guards the bitsandbytes CPU repack trap: after an eval-mode generate, backprop must still
+    reach every LoRA tensor (lora_B starts at zero, so lora_A gets gradient from step 2)."""
+    net, _ = lora_net(tiny_model_dir)
+    ids = torch.randint(0, 300, (4, 24))
+    hyperfit.generate(net, ids[:, :8], 8)
+    lora = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    assert lora and all("lora_" in n for n in lora)
+    optimizer = torch.optim.AdamW(lora.values(), lr=1e-2)
+    for _ in range(2):
+        net.train()
+        net(input_ids=ids, labels=ids).loss.backward()
+        grads = {n: p.grad.abs().sum().item() for n, p in lora.items()}
+        optimizer.step()
+        optimizer.zero_grad()
+        hyperfit.generate(net, ids[:, :8], 4)
+    assert all(g > 0 for g in grads.values()), [n for n, g in grads.items() if g == 0]
+
+
+def test_late_stage_lora_targets_only_the_last_layers(tiny_model_dir):
+    net, _ = lora_net(tiny_model_dir, last_layers=1)
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    assert names and all(".layers.1." in n for n in names)
+    assert len(names) == 2 * len(hyperfit.LORA_TARGETS)
+    with pytest.raises(hyperfit.UsageError, match="the model has 2 layers"):
+        lora_net(tiny_model_dir, last_layers=3)
+
+
+def test_train_step_is_the_token_mean_cross_entropy_of_the_batch(tiny_model_dir):
+    """train_step's loss and update equal the paper's step: transformers' own mean loss, then
+    backward and an optimizer step (SGD at lr 1 here, so the update is the gradient itself)."""
+    from accelerate import Accelerator
+
+    ids = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
+    accelerator = Accelerator(cpu=True)
+    results = []
+    for micro in (8, 2):  # one pass, and gradient accumulation over four micro-batches
+        net, _ = lora_net(tiny_model_dir)
+        optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1.0)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        loss = hyperfit.train_step(net, optimizer, scaler, ids, accelerator, micro)
+        results.append(
+            (loss, {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad})
+        )
+    net, _ = lora_net(tiny_model_dir)
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1.0)
+    reference = net(input_ids=ids, labels=ids).loss  # transformers' mean next-token loss
+    reference.backward()
+    optimizer.step()
+    for loss, weights in results:
+        assert loss == pytest.approx(reference.item(), rel=1e-5)
+        for name, p in net.named_parameters():
+            if p.requires_grad:
+                assert torch.allclose(weights[name], p, atol=1e-6, rtol=1e-4), name
+
+
+def test_adapter_save_and_reload_gives_identical_logits_and_generations(tiny_model_dir, tmp_path):
+    net, _ = lora_net(tiny_model_dir)
+    ids = torch.randint(0, 300, (4, 24))
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        net(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    net.save_pretrained(tmp_path / "adapter")
+    reloaded, _ = hyperfit.load_model(
+        tiny_model_dir, "4bit", adapter=str(tmp_path / "adapter"), device="cpu", dtype="float32"
+    )
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+    assert torch.equal(
+        hyperfit.generate(net, ids[:, :8], 12), hyperfit.generate(reloaded, ids[:, :8], 12)
+    )
+
+
+def test_interrupt_and_resume_equals_an_uninterrupted_run(
+    tiny_model_dir, tiny_data, tmp_path, monkeypatch
+):
+    import os
+    import signal
+
+    settings = dict(epochs=3, eval_every=2)  # 24 sequences / batch 8 = 3 steps per epoch, 9 steps
+    straight = tiny_run(tiny_model_dir, tiny_data, tmp_path, "straight", **settings)
+
+    # SIGINT arrives while step 5 computes (epoch 2, mid-epoch): the step finishes, then the run
+    # saves and stops
+    real_batches, calls = hyperfit.global_batches, []
+
+    def batches_then_interrupt(*args):
+        calls.append(args)
+        if len(calls) == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_batches(*args)
+
+    monkeypatch.setattr(hyperfit, "global_batches", batches_then_interrupt)
+    with pytest.raises(hyperfit.RunInterrupted, match="interrupted at step 5/9.*--resume"):
+        tiny_run(tiny_model_dir, tiny_data, tmp_path, "resumed", **settings)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    state = torch.load(tmp_path / "resumed" / "checkpoint" / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 5 and not (tmp_path / "resumed" / "adapter").exists()
+    monkeypatch.setattr(hyperfit, "global_batches", real_batches)
+
+    resumed = tiny_run(tiny_model_dir, tiny_data, tmp_path, "resumed", resume=True, **settings)
+    assert_close_records(metrics_without_timings(resumed), metrics_without_timings(straight))
+    assert_same_adapter(straight, resumed)
+
+
+def test_same_seed_gives_identical_metrics_and_order_seed_changes_only_the_order(
+    tiny_model_dir, tiny_data, tmp_path
+):
+    a = tiny_run(tiny_model_dir, tiny_data, tmp_path, "a", epochs=2, eval_every=3)
+    b = tiny_run(tiny_model_dir, tiny_data, tmp_path, "b", epochs=2, eval_every=3)
     assert metrics_without_timings(a) == metrics_without_timings(b)
-    c = run(tiny_model_dir, tiny_data, tmp_path, "c", epochs=2, eval_every=3, seed=1)
+    c = tiny_run(tiny_model_dir, tiny_data, tmp_path, "c", epochs=2, eval_every=3, seed=1)
     assert metrics_without_timings(a) != metrics_without_timings(c)
+    d = tiny_run(tiny_model_dir, tiny_data, tmp_path, "d", epochs=2, eval_every=3, order_seed=7)
+    config_a, config_d = (json.loads((r / "config.json").read_text()) for r in (a, d))
+    assert config_a["train_fingerprint"] == config_d["train_fingerprint"]  # the same data ...
+    step0_a, step0_d = metrics_without_timings(a)[0], metrics_without_timings(d)[0]
+    assert step0_a == step0_d  # ... and the same LoRA initialisation (the untrained model) ...
+    assert metrics_without_timings(a)[1:] != metrics_without_timings(d)[1:]  # ... another order
+    assert (
+        hyperfit.global_batches(24, 8, 0, 0)[0].tolist()
+        != hyperfit.global_batches(24, 8, 7, 0)[0].tolist()
+    )
 
 
-def test_crash_during_a_save_keeps_the_previous_checkpoint(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
-    run_dir = run(tiny_model_dir, tiny_data, tmp_path, "atomic", epochs=1, eval_every=3)
-    before = adapter_tensors(run_dir, "checkpoint")
-    model, _ = lora_model(tiny_model_dir)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError):
-        hf.save_checkpoint(run_dir, model, optimizer, dict(step=99, loss_sum=0.0, loss_count=0, elapsed_s=0.0))
-    monkeypatch.undo()
-    assert hf.latest_checkpoint(run_dir) == run_dir / "checkpoint"
-    assert torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 3
-    after = adapter_tensors(run_dir, "checkpoint")
-    assert all(torch.equal(before[k], after[k]) for k in before)
+def test_resume_with_more_epochs_extends_the_run_and_says_so(
+    tiny_model_dir, tiny_data, tmp_path, capsys
+):
+    two = tiny_run(tiny_model_dir, tiny_data, tmp_path, "two", epochs=2, eval_every=3)
+    three = tiny_run(tiny_model_dir, tiny_data, tmp_path, "three", epochs=3, eval_every=3)
+    capsys.readouterr()
+    tiny_run(tiny_model_dir, tiny_data, tmp_path, "two", epochs=3, eval_every=3, resume=True)
+    assert "changed on resume: epochs 2 -> 3" in capsys.readouterr().out
+    assert_close_records(metrics_without_timings(two), metrics_without_timings(three))
+    assert_same_adapter(two, three)
+    config = json.loads((two / "config.json").read_text())
+    assert config["args"]["epochs"] == 3 and config["resumed"][0]["changed"] == {"epochs": [2, 3]}
+    with pytest.raises(hyperfit.UsageError, match="a resumed run keeps its own seq-len"):
+        tiny_run(tiny_model_dir, tiny_data, tmp_path, "two", epochs=4, seq_len=32, resume=True)
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_model_dir, tiny_data, tmp_path):
-    with pytest.raises(hf.NumericalError, match="loss became nan|loss became inf"):
-        run(tiny_model_dir, tiny_data, tmp_path, "nan", epochs=3, eval_every=100, save_every=1, lr=1e30)
-    state = torch.load(tmp_path / "nan" / "checkpoint" / "trainer_state.pt", weights_only=False)
-    assert state["step"] >= 1
-    assert all(torch.isfinite(t).all() for t in adapter_tensors(tmp_path / "nan", "checkpoint").values())
-    assert not (tmp_path / "nan" / "adapter").exists()  # the run did not pretend to finish
-
-
-# ---------------------------------------------------------------------------- bad input on the CLI
-
-
-def cli(args, capsys):
-    """Run hyperfit.py's CLI in-process; return (exit code, stderr lines)."""
-    with pytest.raises(SystemExit) as exit_info:
-        hf.main(args)
-    return exit_info.value.code, capsys.readouterr().err.strip().splitlines()
-
-
-@pytest.fixture
-def base_args(tiny_model_dir, tiny_data, tmp_path):
-    return ["--model", tiny_model_dir, "--data", tiny_data, "--out-dir", str(tmp_path / "results"),
-            "--seq-len", "64", "--num-train", "16", "--num-val", "8", "--num-prompts", "4"]
-
-
-def replace(args, flag, value):
-    args = list(args)
-    args[args.index(flag) + 1] = value
-    return args
-
-
-@pytest.mark.parametrize("change, message", [
-    (lambda a, p: replace(a, "--data", str(p / "nope.txt")), "no such file or folder"),
-    (lambda a, p: (p / "e.txt").write_text("") or replace(a, "--data", str(p / "e.txt")), "no text in it"),
-    (lambda a, p: a + ["--num-train", "5000"], "holds only .* sequences of 64 tokens"),
-    (lambda a, p: replace(a, "--model", "no-such-preset"), "no such preset or folder; presets: smollm2-135m"),
-    (lambda a, p: replace(a, "--model", str(p / "missing-model")), "no such preset or folder"),
-    (lambda a, p: a + ["--epochs", "0"], "--epochs must be a positive integer"),
-    (lambda a, p: a + ["--batch-size", "-8"], "--batch-size must be a positive integer"),
-    (lambda a, p: a + ["--seq-len", "0"], "--seq-len must be a positive integer"),
-    (lambda a, p: a + ["--prompt-len", "64"], "--prompt-len .64. must be shorter than --seq-len .64."),
-    (lambda a, p: a + ["--lora-layers", "3"], "--lora-layers 3: the model has 2 layers"),
-    (lambda a, p: a + ["--resume"], "has no checkpoint to resume from"),
-])
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(base_args, tmp_path, capsys, change, message):
-    code, err = cli(change(base_args, tmp_path), capsys)
-    assert code == 2 and len(err) == 1, err
-    assert err[0].startswith("hyperfit.py: ") and __import__("re").search(message, err[0]), err[0]
-    assert not (tmp_path / "results").exists()
-
-
-def test_hub_id_while_offline_explains_how_to_use_a_local_folder(base_args, tmp_path, capsys, monkeypatch):
-    import huggingface_hub.constants
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, err = cli(replace(base_args, "--model", "no-such-org/no-such-model"), capsys)
-    assert code == 2 and len(err) == 1
-    assert "Hugging Face hub" in err[0] and "local model folder" in err[0]
-    assert not (tmp_path / "results").exists()
-
-
-def test_quant_4bit_without_bitsandbytes_names_quant_none(base_args, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # import now fails
-    code, err = cli(base_args, capsys)
-    assert code == 2 and len(err) == 1 and "--quant none" in err[0] and "bitsandbytes" in err[0]
-    assert not (tmp_path / "results").exists()
-
-
-def test_existing_run_is_never_overwritten_without_asking(base_args, tmp_path, capsys):
-    run_dir = tmp_path / "results" / "keep"
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text('{"precious": true}')
-    code, err = cli(base_args + ["--run-name", "keep"], capsys)
-    assert code == 2 and "already holds a run; pass --resume" in err[0]
-    assert (run_dir / "config.json").read_text() == '{"precious": true}'
-    assert sorted(os.listdir(run_dir)) == ["config.json"]
-
-
-def test_unwritable_results_folder_is_refused_before_training(base_args, tmp_path, capsys):
-    if os.geteuid() == 0:
-        # root ignores permission bits; a file where the folder should be is unwritable for everyone
-        (tmp_path / "results").write_text("not a folder")
-        args = replace(base_args, "--out-dir", str(tmp_path / "results" / "sub"))
-    else:
-        (tmp_path / "results").mkdir(mode=0o500)
-        args = base_args
-    code, err = cli(args, capsys)
-    assert code == 2 and len(err) == 1 and "--out-dir" in err[0]
+def test_dense_copy_matches_the_quantized_lora_model(tiny_model_dir, compute_dtype):
+    """The dense copy computes the quantized LoRA net's function (in fp32 on a CPU): equal to the
+    net to 1e-4 at fp32 compute; at bf16 compute the net rounds every activation to 8 bits of
+    mantissa, so they agree to that precision."""
+    net, _ = lora_net(tiny_model_dir, dtype=compute_dtype)
+    for p in net.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)  # a non-trivial adapter
+    ids = torch.randint(0, 300, (2, 16))
+    net.eval()
+    tolerance = dict(float32=1e-4, bfloat16=0.1)[compute_dtype]  # mean |difference| of logits
+    with torch.no_grad():
+        dense = hyperfit.dense_copy(net)
+        assert hyperfit.net_dtype(dense) == torch.float32
+        tuned = dense(input_ids=ids).logits
+        assert (tuned - net(input_ids=ids).logits.float()).abs().mean() < tolerance
+        with net.disable_adapter():
+            original = hyperfit.dense_copy(net)(input_ids=ids).logits
+            assert (original - net(input_ids=ids).logits.float()).abs().mean() < tolerance
+    assert (tuned - original).abs().mean() > 10 * tolerance  # the adapter does change the net

@@ -1,0 +1,554 @@
+"""What a hostile-but-realistic user does to a run (issue "Reliability"): each case first broke the
+kit; each test reproduces it. Bad input is one line on stderr, exit 2, nothing lost or
+half-written; a run never touches what it does not own."""
+
+import collections
+import json
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT, tiny_run
+from test_hyperfit import (
+    adapter_tensors,
+    assert_close_records,
+    assert_same_adapter,
+    metrics_without_timings,
+)
+
+import hyperfit
+
+
+def cli(args, capsys):
+    """Run hyperfit.py's command line in-process; return (exit code, stderr lines other than the
+    progress bar's)."""
+    code = hyperfit.main([str(a) for a in args])
+    lines = capsys.readouterr().err.splitlines()
+    return code, [line for line in lines if line.strip() and "%|" not in line]
+
+
+@pytest.fixture
+def base_args(tiny_model_dir, tiny_data, tmp_path):
+    return [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        tiny_data,
+        "--out-dir",
+        tmp_path / "results",
+        "--seq-len",
+        "64",
+        "--num-train",
+        "16",
+        "--num-val",
+        "8",
+        "--num-prompts",
+        "4",
+        "--prompt-len",
+        "16",
+        "--gen-tokens",
+        "8",
+        "--epochs",
+        "1",
+    ]
+
+
+def replace(args, flag, value):
+    args = list(args)
+    args[args.index(flag) + 1] = value
+    return args
+
+
+def tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+# ---------------------------------------------------------------- 1. --overwrite never reaches out
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "/abs/path", "~x"])
+def test_a_run_name_is_one_plain_folder_name(base_args, tmp_path, capsys, name):
+    results = tmp_path / "results"
+    (results / "keep").mkdir(parents=True)
+    (results / "keep" / "config.json").write_text('{"run_name": "keep", "args": {}}')
+    code, err = cli(base_args + ["--run-name", name, "--overwrite"], capsys)
+    assert code == 2 and len(err) == 1 and "one plain folder name" in err[0]
+    assert tree(tmp_path / "results") == ["keep", "keep/config.json"]
+
+
+def test_model_dot_gets_a_run_name_from_the_folder_not_the_out_dir(
+    tiny_model_dir, base_args, monkeypatch
+):
+    monkeypatch.chdir(tiny_model_dir)
+    assert hyperfit.default_run_name(".") == os.path.basename(tiny_model_dir)
+
+
+def test_overwrite_only_replaces_a_run_folder(base_args, tmp_path, capsys):
+    stranger = tmp_path / "results" / "photos"
+    stranger.mkdir(parents=True)
+    (stranger / "holiday.jpg").write_text("precious")
+    code, err = cli(base_args + ["--run-name", "photos", "--overwrite"], capsys)
+    assert code == 2 and "is not a hyperfit run" in err[0]
+    assert (stranger / "holiday.jpg").read_text() == "precious"
+
+
+def test_overwrite_replaces_the_run_and_nothing_beside_it(base_args, tmp_path, capsys):
+    assert cli(base_args + ["--run-name", "a"], capsys)[0] == 0
+    assert cli(base_args + ["--run-name", "b"], capsys)[0] == 0
+    (tmp_path / "results" / "a" / "extra.txt").write_text("from the old run")
+    assert cli(base_args + ["--run-name", "a", "--overwrite"], capsys)[0] == 0
+    assert not (tmp_path / "results" / "a" / "extra.txt").exists()
+    assert (tmp_path / "results" / "b" / "adapter" / "adapter_config.json").exists()
+
+
+# ---------------------------------------------------------------- 2. no code runs from a checkpoint
+
+
+class Exploit:
+    """A pickle that runs a command when unpickled: what a crafted trainer_state.pt can hold."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_resume_never_unpickles_code(tiny_model_dir, tiny_data, tmp_path, capsys):
+    run = tiny_run(tiny_model_dir, tiny_data, tmp_path, "r", epochs=1, eval_every=1)
+    pwned = tmp_path / "pwned"
+    with open(run / "checkpoint" / "trainer_state.pt", "wb") as f:
+        pickle.dump({"step": 1, "x": Exploit(pwned)}, f)
+    args = [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        tiny_data,
+        "--out-dir",
+        tmp_path,
+        "--run-name",
+        "r",
+        "--resume",
+        "--epochs",
+        "2",
+    ]
+    code, err = cli(args, capsys)
+    assert code == 2 and len(err) == 1 and "is not a checkpoint this kit wrote" in err[0]
+    assert not pwned.exists()
+
+
+# ---------------------------------------------------------------- 3. a killed save never blocks
+
+
+def test_leftovers_of_a_killed_save_do_not_block_the_resume(tiny_model_dir, tiny_data, tmp_path):
+    settings = dict(epochs=3, eval_every=3, save_every=1)
+    straight = tiny_run(tiny_model_dir, tiny_data, tmp_path, "straight", **settings)
+    run = tiny_run(tiny_model_dir, tiny_data, tmp_path, "killed", **dict(settings, epochs=1))
+    for leftover in ("checkpoint.old", "checkpoint.tmp", "adapter.tmp"):  # every kill point
+        (run / leftover).mkdir(exist_ok=True)
+        (run / leftover / "x").write_text("half")
+    resumed = tiny_run(tiny_model_dir, tiny_data, tmp_path, "killed", resume=True, **settings)
+    assert_close_records(metrics_without_timings(resumed), metrics_without_timings(straight))
+    assert_same_adapter(straight, resumed)
+    assert not {"checkpoint.old", "checkpoint.tmp", "adapter.tmp"} & set(os.listdir(resumed))
+
+
+def test_a_save_killed_between_its_renames_resumes_from_the_old_checkpoint(
+    tiny_model_dir, tiny_data, tmp_path
+):
+    settings = dict(epochs=2, eval_every=3)
+    straight = tiny_run(tiny_model_dir, tiny_data, tmp_path, "straight", **settings)
+    run = tiny_run(tiny_model_dir, tiny_data, tmp_path, "killed", **dict(settings, epochs=1))
+    (run / "checkpoint").rename(run / "checkpoint.old")  # the kill: old renamed, new not yet in
+    (run / "adapter").rename(run / "adapter.tmp")
+    assert hyperfit.latest_checkpoint(run) == run / "checkpoint.old"
+    resumed = tiny_run(tiny_model_dir, tiny_data, tmp_path, "killed", resume=True, **settings)
+    assert_same_adapter(straight, resumed)
+
+
+DiskUsage = collections.namedtuple("DiskUsage", "total used free")
+
+
+def test_a_full_disk_during_a_save_keeps_the_checkpoint_and_says_so(
+    tiny_model_dir, tiny_data, tmp_path, monkeypatch
+):
+    run = tiny_run(tiny_model_dir, tiny_data, tmp_path, "full", epochs=1, eval_every=3)
+    before = adapter_tensors(run, "checkpoint")
+
+    def disk_full(*args, **kwargs):  # torch's C++ writer reports it without an errno
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 123")
+
+    net, _ = hyperfit.load_model(tiny_model_dir, "4bit", device="cpu", dtype="float32")
+    net = hyperfit.add_lora(net)
+    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(hyperfit.shutil, "disk_usage", lambda path: DiskUsage(10**9, 10**9, 0))
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    state = dict(step=9, loss_sum=0.0, loss_count=0, elapsed_s=0.0)
+    with pytest.raises(hyperfit.UsageError, match="no space left under .*checkpoint/\\) is intact"):
+        hyperfit.save_checkpoint(run, net, optimizer, scaler, state)
+    monkeypatch.undo()
+    assert not (run / "checkpoint.tmp").exists()
+    assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 3
+    after = adapter_tensors(run, "checkpoint")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---------------------------------------------------------------- 4. nothing non-finite is saved
+
+
+@pytest.mark.parametrize("lr", ["nan", "inf", "-1", "0"])
+def test_a_non_finite_or_non_positive_lr_is_refused(base_args, tmp_path, capsys, lr):
+    code, err = cli(base_args + ["--lr", lr], capsys)
+    assert code == 2 and len(err) == 1 and "--lr must be a positive finite number" in err[0]
+    assert not (tmp_path / "results").exists()
+
+
+def test_weights_that_become_non_finite_stop_the_run_before_any_save(
+    tiny_model_dir, tiny_data, tmp_path, capsys
+):
+    args = [
+        "--model",
+        tiny_model_dir,
+        "--data",
+        tiny_data,
+        "--out-dir",
+        tmp_path,
+        "--run-name",
+        "huge",
+        "--seq-len",
+        "64",
+        "--num-train",
+        "24",
+        "--num-val",
+        "8",
+        "--num-prompts",
+        "4",
+        "--prompt-len",
+        "16",
+        "--gen-tokens",
+        "8",
+        "--epochs",
+        "3",
+        "--save-every",
+        "1",
+        "--eval-every",
+        "100",
+        "--lr",
+        "1e30",
+    ]
+    code, err = cli(args, capsys)
+    assert code == 1 and len(err) == 1
+    assert re.search(r"(loss became (nan|inf)|LoRA weight became NaN/inf) at step \d", err[0])
+    assert "--resume --lr 1e+29" in err[0]  # the way out: the run's own lr, lowered
+    for folder in ("checkpoint", "checkpoint.old"):
+        if (tmp_path / "huge" / folder).exists():
+            assert all(
+                torch.isfinite(t).all() for t in adapter_tensors(tmp_path / "huge", folder).values()
+            )
+    assert not (tmp_path / "huge" / "adapter").exists()  # the run did not pretend to finish
+
+
+def test_resume_takes_a_lower_learning_rate_and_records_it(
+    tiny_model_dir, tiny_data, tmp_path, capsys
+):
+    tiny_run(tiny_model_dir, tiny_data, tmp_path, "r", epochs=1, eval_every=3)
+    lower = [
+        "--model",
+        tiny_model_dir,
+        "--out-dir",
+        tmp_path,
+        "--run-name",
+        "r",
+        "--resume",
+        "--epochs",
+        "2",
+        "--lr",
+        "5e-3",
+    ]
+    assert cli(lower, capsys)[0] == 0
+    records = hyperfit.read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    assert [(r["step"], r["lr"]) for r in records] == [(0, 1e-2), (3, 1e-2), (6, 5e-3)]
+    config = json.loads((tmp_path / "r" / "config.json").read_text())
+    changed = config["resumed"][0]["changed"]
+    assert config["resumed"][0]["at_step"] == 3 and changed == {
+        "epochs": [1, 2],
+        "lr": [1e-2, 5e-3],
+    }
+
+
+def test_weights_made_non_finite_by_the_update_are_never_saved(
+    tiny_model_dir, tiny_data, tmp_path, monkeypatch
+):
+    """An update that leaves a NaN in a weight (fp16 overflow, a bad optimizer state) while the loss
+    was still finite: the run stops before it saves, and says there is no checkpoint yet."""
+    real_step = torch.optim.AdamW.step
+
+    def step_then_blow_up(self, *args, **kwargs):
+        real_step(self, *args, **kwargs)
+        self.param_groups[0]["params"][0].data[0, 0] = float("nan")
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_blow_up)
+    with pytest.raises(
+        hyperfit.NumericalError,
+        match="LoRA weight became NaN/inf .*at step 1; no "
+        "checkpoint was saved before it: start again with a lower --lr and --overwrite",
+    ):
+        tiny_run(tiny_model_dir, tiny_data, tmp_path, "nan", epochs=1, save_every=1)
+    assert hyperfit.latest_checkpoint(tmp_path / "nan") is None
+    assert not (tmp_path / "nan" / "adapter").exists()
+
+
+def test_an_absurd_learning_rate_that_overflows_adamw_is_one_line(base_args, tmp_path, capsys):
+    code, err = cli(base_args + ["--run-name", "absurd", "--lr", "1e38"], capsys)
+    assert code == 1 and len(err) == 1 and "overflowed" in err[0]
+
+
+# ---------------------------------------------------------------- 5. one run per folder at a time
+
+
+def test_a_second_run_on_a_locked_folder_exits_2_naming_the_holder(base_args, tmp_path, capsys):
+    folder = tmp_path / "results" / "busy"
+    with hyperfit.RunLock(folder, "hyperfit.py --run-name busy"):
+        code, err = cli(base_args + ["--run-name", "busy", "--overwrite"], capsys)
+    assert code == 2 and len(err) == 1
+    assert f"is in use by hyperfit.py --run-name busy (pid {os.getpid()}" in err[0]
+    assert not folder.exists()  # the lock made the folder for nothing: no trace left
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block(base_args, tmp_path, capsys):
+    folder = tmp_path / "results" / "killed"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
+import sys, time; sys.path.insert(0, {str(ROOT)!r})
+import hyperfit
+with hyperfit.RunLock({str(folder)!r}, "hyperfit.py (killed)"):
+    print("locked", flush=True); time.sleep(60)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    code, err = cli(base_args + ["--run-name", "killed"], capsys)
+    assert code == 2 and "in use by hyperfit.py (killed)" in err[0]
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert cli(base_args + ["--run-name", "killed"], capsys)[0] == 0
+
+
+# ---------------------------------------------------------------- 6. one line, exit 2
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a, p: replace(a, "--data", p / "nope.txt"), "no such file or folder"),
+        (
+            lambda a, p: (p / "e.txt").write_text("") or replace(a, "--data", p / "e.txt"),
+            "no text in it",
+        ),
+        (
+            lambda a, p: (
+                (p / "n.jsonl").write_text('{"text": 3}\n') and replace(a, "--data", p / "n.jsonl")
+            ),
+            'line 1 is not a JSON object with a "text" string',
+        ),
+        (
+            lambda a, p: (
+                (p / "z.jsonl").write_text('{"text": null}\n')
+                and replace(a, "--data", p / "z.jsonl")
+            ),
+            'line 1 is not a JSON object with a "text" string',
+        ),
+        (lambda a, p: a + ["--num-train", "5000"], "holds only .* sequences of 64 tokens"),
+        (lambda a, p: replace(a, "--model", "no-such-preset"), "no such preset or folder; presets"),
+        (lambda a, p: replace(a, "--model", p / "missing-model"), "no such preset or folder"),
+        (lambda a, p: a + ["--epochs", "0"], "--epochs must be a positive integer"),
+        (lambda a, p: a + ["--batch-size", "-8"], "--batch-size must be a positive integer"),
+        (lambda a, p: a + ["--seq-len", "0"], "--seq-len must be a positive integer"),
+        (lambda a, p: a + ["--save-every", "0"], "--save-every must be a positive integer"),
+        (lambda a, p: a + ["--lora-alpha", "-2"], "--lora-alpha must be a positive integer"),
+        (lambda a, p: a + ["--seed", str(2**63)], r"--seed must be an integer in \[0, 2\*\*63\)"),
+        (lambda a, p: a + ["--seed", "-1"], r"--seed must be an integer in \[0, 2\*\*63\)"),
+        (lambda a, p: a + ["--dtype", "float8"], "--dtype float8: choose auto"),
+        (
+            lambda a, p: a + ["--prompt-len", "64"],
+            "--prompt-len .64. must be shorter than --seq-len",
+        ),
+        (lambda a, p: a + ["--lora-layers", "3"], "--lora-layers 3: the model has 2 layers"),
+        (lambda a, p: a + ["--resume", "--overwrite"], "choose one"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(
+    base_args, tmp_path, capsys, change, message
+):
+    code, err = cli(change(base_args, tmp_path), capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("hyperfit.py: ") and re.search(message, err[0]), err[0]
+    assert not (tmp_path / "results").exists()
+
+
+def test_resume_after_a_kill_before_the_first_save_gives_the_way_out(base_args, tmp_path, capsys):
+    assert cli(base_args + ["--run-name", "early"], capsys)[0] == 0
+    run = tmp_path / "results" / "early"
+    for folder in ("checkpoint", "adapter"):  # what a kill during step 1 leaves: no checkpoint
+        hyperfit.shutil.rmtree(run / folder)
+    code, err = cli(base_args + ["--run-name", "early", "--resume"], capsys)
+    assert code == 2 and "start it again with --overwrite" in err[0]
+    code, err = cli(base_args + ["--run-name", "early"], capsys)
+    assert code == 2 and "--overwrite to replace it" in err[0]
+    assert cli(base_args + ["--run-name", "early", "--overwrite"], capsys)[0] == 0
+
+
+def test_ctrl_c_during_model_load_exits_130_without_a_traceback(
+    base_args, tmp_path, capsys, monkeypatch
+):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hyperfit, "load_model", interrupted)
+    code, err = cli(base_args + ["--run-name", "x"], capsys)
+    assert code == 130 and len(err) == 1 and "aborted" in err[0]
+    assert not (tmp_path / "results").exists()
+
+
+def test_existing_run_is_never_overwritten_without_asking(base_args, tmp_path, capsys):
+    run_dir = tmp_path / "results" / "keep"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text('{"run_name": "keep", "precious": true}')
+    code, err = cli(base_args + ["--run-name", "keep"], capsys)
+    assert code == 2 and "already holds a run; pass --resume" in err[0]
+    assert (run_dir / "config.json").read_text() == '{"run_name": "keep", "precious": true}'
+    assert tree(run_dir) == ["config.json"]
+
+
+def test_unwritable_results_folder_is_refused_before_training(base_args, tmp_path, capsys):
+    if os.geteuid() == 0:  # root ignores permission bits; a file where the folder goes stops all
+        (tmp_path / "results").write_text("not a folder")
+        args = replace(base_args, "--out-dir", tmp_path / "results" / "sub")
+    else:
+        (tmp_path / "results").mkdir(mode=0o500)
+        args = base_args
+    code, err = cli(args, capsys)
+    assert code == 2 and len(err) == 1 and "--out-dir" in err[0]
+
+
+def test_hub_id_while_offline_explains_how_to_use_a_local_folder(
+    base_args, tmp_path, capsys, monkeypatch
+):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = cli(replace(base_args, "--model", "no-such-org/no-such-model"), capsys)
+    assert code == 2 and len(err) == 1
+    assert "Hugging Face hub" in err[0] and "local model folder" in err[0]
+    assert not (tmp_path / "results").exists()
+
+
+def test_quant_4bit_without_bitsandbytes_names_quant_none(base_args, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # the import now fails
+    code, err = cli(base_args, capsys)
+    assert code == 2 and len(err) == 1 and "--quant none" in err[0] and "bitsandbytes" in err[0]
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_command_line_prints_one_line_and_no_library_noise(base_args, tmp_path):
+    """A real process: the error comes after bitsandbytes and transformers are loaded (the model
+    has 2 layers), and stderr holds the kit's line alone."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "hyperfit.py"), *map(str, base_args), "--lora-layers", "5"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "hyperfit.py: --lora-layers 5: the model has 2 layers; choose 1..2"
+    ]
+
+
+# ---------------------------------------------------------------- 7. both compute dtypes, forced
+
+
+def test_the_compute_dtype_can_be_forced_and_is_recorded(
+    tiny_model_dir, tiny_data, tmp_path, monkeypatch
+):
+    device = torch.device("cpu")
+    assert hyperfit.compute_dtype(device, "bf16") == torch.bfloat16
+    monkeypatch.setenv("HYPERFIT_DTYPE", "float32")
+    assert hyperfit.compute_dtype(device, "auto") == torch.float32
+    assert hyperfit.compute_dtype(device, "bfloat16") == torch.bfloat16  # the option wins
+    monkeypatch.setenv("HYPERFIT_DTYPE", "bfloat16")
+    run = tiny_run(tiny_model_dir, tiny_data, tmp_path, "bf16", epochs=1, eval_every=3)
+    config = json.loads((run / "config.json").read_text())
+    assert config["compute_dtype"] == "bfloat16" and config["args"]["dtype"] == "auto"
+    monkeypatch.setenv("HYPERFIT_DTYPE", "fp8")
+    with pytest.raises(hyperfit.UsageError, match="HYPERFIT_DTYPE=fp8"):
+        hyperfit.compute_dtype(device)
+
+
+# ---------------------------------------------------------------- 8. portable results
+
+
+def test_paths_inside_the_kit_are_recorded_relative_to_it(tiny_model_dir, tmp_path):
+    assert hyperfit.portable_path(ROOT / "data" / "fiction") == "data/fiction"
+    assert hyperfit.portable_path(tmp_path) == str(tmp_path)
+    assert hyperfit.absolute_path("data/fiction") == str(ROOT / "data" / "fiction")
+    settings = hyperfit.new_settings(None, {"data": str(ROOT / "data" / "fiction")})
+    assert settings["data"] == "data/fiction" and settings["out_dir"] == "results"
+
+
+def test_a_sigterm_saves_and_exits_130(tiny_model_dir, tiny_data, tmp_path):
+    """A real process stopped by SIGTERM mid-run: it finishes the step, saves, says how to
+    resume."""
+    args = [
+        sys.executable,
+        str(ROOT / "hyperfit.py"),
+        "--model",
+        tiny_model_dir,
+        "--data",
+        tiny_data,
+        "--out-dir",
+        tmp_path,
+        "--run-name",
+        "t",
+        "--seq-len",
+        "64",
+        "--num-train",
+        "24",
+        "--num-val",
+        "8",
+        "--num-prompts",
+        "4",
+        "--prompt-len",
+        "16",
+        "--gen-tokens",
+        "8",
+        "--epochs",
+        "400",
+        "--eval-every",
+        "1000",
+    ]
+    process = subprocess.Popen(
+        [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 240
+    while not (tmp_path / "t" / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.5)  # the step-0 validation is written: training has started
+    time.sleep(1)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == 130, err[-2000:]
+    assert "resume with: python hyperfit.py --run-name t" in err
+    assert hyperfit.latest_checkpoint(tmp_path / "t") is not None
