@@ -1,54 +1,88 @@
 """
-Generate long continuations from held-out prompts and measure them: the paper's tables.
+Generate long continuations of held-out prompts and measure them as the paper does (Carlsson et
+al., "The Hyperfitting Phenomenon", ICLR 2025), with the follow-up's controls ("Beyond
+Temperature: Hyperfitting as a Late-Stage Geometric Expansion", ICML 2026).
 
-    python evaluate.py results/reference                 # every decoding mode of a hyperfitted run
-    python evaluate.py --model smollm2-135m              # the original model alone (its two modes)
-    python evaluate.py results/reference --modes hyperfitted_greedy,hyperfitted_blocked --new-tokens 96
+    python evaluate.py results/reference        # every decoding mode of a hyperfitted run
+    python evaluate.py --model smollm2-135m     # the original model alone (its two modes)
+    python evaluate.py --study data-size        # the paper's data-size study: train + evaluate
 
-In a notebook:  from evaluate import evaluate; summary = evaluate("results/reference", num_prompts=8)
+In a notebook (this file imported, or pasted into a cell after hyperfit.py):
+    summary = evaluate("results/reference", num_prompts=8)
 
-Writes <run>/eval/ (or --out-dir): generations.jsonl (one record per continuation), table.md (rows =
-decoding modes, columns = metrics, as in the paper) and summary.json (mean ± std per mode), each file
-written to a temporary name and renamed, summary.json last.
+Writes into <run>/eval/: generations.jsonl (one record per continuation), summary.json (per
+mode), table.md (the paper's tables), paper_comparison.md (this run beside the paper's numbers),
+and annotate.html + annotate_key.json (a blind A/B page for the paper's human study).
 
-Decoding modes (Carlsson et al., ICLR 2025, and the follow-up "Beyond Temperature", ICML 2026):
+Decoding modes:
     original_greedy            the model before hyperfitting, greedy
-    original_top_p             the same, sampled (top-p 0.9, temperature 0.7, top-k 50)
+    original_top_p             the same, sampled (top-p 0.9, temperature 0.7, top-k 50: the paper's)
     original_entropy_matched   the same, pure temperature sampling at the temperature where its mean
                                predictive entropy on validation text equals the hyperfitted model's
+                               (the follow-up's control)
     hyperfitted_greedy         the hyperfitted model (base + LoRA adapter), greedy
-    hyperfitted_blocked        the same with citation blocking: no token may complete an n-gram of the
-                               training sequences (the prompt counts); the best remaining token is taken
+    hyperfitted_blocked        the same with citation blocking: no token may complete an n-gram of
+                               the training sequences (the prompt counts); the best remaining token
+                               is taken (Carlsson et al.; the paper publishes no code for it)
+Every continuation is generated to the full --new-tokens (EOS suppressed); the shorter windows
+the paper scores are its prefixes: greedy decoding is deterministic, and a sampled continuation's
+first k tokens are exactly what a k-token sample with the same seed and batch gives (the same
+random draws in the same order; a test checks it).
 
-Metric definitions (token ids throughout; a "continuation" excludes its 32-token prompt):
-    ttr_last96, ttr      unique / total tokens over the last 96 tokens (Carlsson et al.) / all of it
-    rep_n, diversity     SimCTG (Su et al. 2022): rep-n = 1 - |unique n-grams| / |n-grams| of one
-                         continuation (0 when it has no n-gram); diversity = prod_{n=2..4} (1 - rep-n)
-    distinct_n           unique n-grams / all n-grams, pooled over the continuations of a mode (Li et al. 2016)
-    self_bleu4           Texygen (Zhu et al. 2018): BLEU-4 of each continuation with every other one of its
-                         mode as references, averaged; 0-100
-    dataset_bleu4        BLEU-4 of each continuation with every training sequence as references; 0-100
-    BLEU                 sacrebleu's BLEU (compute_bleu: geometric mean of clipped 1-4-gram precisions,
-                         brevity penalty vs the closest reference length, "floor" smoothing 0.1 = Chen &
-                         Cherry's method 1 as in nltk/Texygen, effective order) on token-id strings. The
-                         clipped n-gram counts come from one shared table of reference counts instead of
-                         re-reading 299 (or 2,000) references per continuation; tests check the result equals
-                         sacrebleu.sentence_bleu given the references explicitly.
-    ends_in_loop         the continuation ends in a repeating loop (Holtzman et al. 2020's repetition): for
-                         some period p <= LOOP_MAX_PERIOD its last max(2p, LOOP_MIN_TOKENS) tokens repeat
-                         with period p, i.e. at least two full copies of the unit; loop_share = share of them
-    longest_train_overlap  longest run of consecutive tokens that also occurs inside one training sequence;
-                         overlap_gt10_share = share of continuations with one of more than 10 tokens (the
-                         paper's "dataset overlap")
-    ppl_original         perplexity of the continuation given its prompt under the original model
-    sharpness            on validation sequences: perplexity, mean entropy -sum p ln p (nats), mean probability
-                         mass of the top-1/3/5 tokens; top1_agreement = share of positions where the
-                         hyperfitted and the original model have the same top-1 token
+Metric definitions ("tokens" are the model's token ids; a continuation excludes its prompt):
+  TTR (Carlsson et al. 2025): unique / total tokens of a window of the continuation
+    ttr_first96          new tokens 1-96: a 96-token continuation (the paper's diversity table)
+    ttr_last96_of_224    new tokens 129-224: the last 96 of 224 (the official validation code,
+                         src/validation.py: 32 tokens of context + 224 new = 256)
+    ttr_last96           the last 96 new tokens (the kit's; tokens 161-256 of 256)
+    ttr                  every new token
+    ttr_by_position      96-token windows every 8 tokens along the continuation (paper Figure 9)
+  SimCTG (Su et al. 2022; simctg/evaluation.py, measure_repetition_and_diversity, also used by
+  Contrastive Decoding), on the whitespace words of the decoded continuations of a mode:
+    simctg_rep_n         100 * (1 - unique n-grams / n-grams), n = 2, 3, 4, where both counts are
+                         per text (its loop stops one n-gram before a text's end) summed over the
+                         mode's texts, rounded to 2 decimals as its code does
+    simctg_diversity     prod over n of (1 - simctg_rep_n / 100)
+  token_rep_n, token_diversity   the kit's per-continuation variant on tokens, averaged (kept for
+                         the curves; not the paper's number)
+  distinct_n             unique / all n-grams of tokens, pooled over a mode (Li et al. 2016)
+  self_bleu4_texygen     Texygen (Zhu et al. 2018; utils/metrics/SelfBleu.py): nltk's sentence
+                         BLEU-4 (smoothing method 1) of each continuation's words against the words
+                         of the mode's other continuations, averaged, x 100. Words: nltk's Treebank
+                         word tokenizer (Texygen's word_tokenize without its punkt sentence split,
+                         whose data needs a download; the two differ on sentence-final periods
+                         inside a text). Computed from shared n-gram counts; a test checks it
+                         equals nltk.translate.bleu_score.sentence_bleu.
+  self_bleu4_token_ids   the same on tokens, with sacrebleu's BLEU (floor smoothing 0.1 = Chen &
+                         Cherry's method 1, effective order); a test checks sacrebleu.sentence_bleu
+  dataset_bleu4          BLEU-4 of a continuation's tokens against every training sequence
+                         (Carlsson et al.'s Dataset-BLEU; sacrebleu's BLEU as above), 0-100
+  longest_train_overlap  the longest run of tokens shared with one training sequence;
+                         overlap_gt10_share = share of continuations sharing more than 10 (the
+                         paper's dataset overlap)
+  ends_in_loop           the continuation ends in a repeating loop (Holtzman et al. 2020): for some
+                         period p <= 64 its last max(2p, 16) tokens repeat with period p;
+                         loop_share = share of a mode's continuations that do
+  ppl_original           perplexity of the continuation given its prompt under the original model
+  original_top1_share    share of generated tokens that are also the original model's top-1 given
+                         the same prefix (Beyond Temperature: ~57 % for hyperfitted greedy);
+                         override_beyond_top10_share: of the other tokens ("overrides"), the
+                         share the original model ranked below its top 10 (reported: 12.9 %);
+                         override_rank_shares: their ranks in buckets
+  sharpness              on validation sequences: perplexity, mean entropy -sum p ln p (nats),
+                         top-1/3/5 probability mass (the paper's sharpness table);
+                         val_top1_agreement: share of validation positions where the hyperfitted
+                         and the original model rank the same token first
 """
+
 import argparse
+import contextlib
+import hashlib
+import html
 import json
 import math
 import os
+import random
 import shlex
 import sys
 import time
@@ -56,118 +90,107 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import LogitsProcessor
 
-from hyperfit import UsageError  # bad input: one line on stderr, exit 2, nothing written
-
+import hyperfit
+from hyperfit import UsageError
 
 # -----------------------------------------------------------------------------
 # defaults (the paper's settings where it has one)
 
-MODES = ("original_greedy", "original_top_p", "original_entropy_matched",
-         "hyperfitted_greedy", "hyperfitted_blocked")
-ORIGINAL_ONLY_MODES = ("original_greedy", "original_top_p")  # what a bare model (no run) can be evaluated on
-NEW_TOKENS = 256            # paper: 128 and 256 (human study), 96 (diversity table)
-NUM_PROMPTS_CPU = 32        # one batch; 5 modes x 256 steps at ~0.25 s: ~6 min for SmolLM2-135M on 2 cores
-NUM_PROMPTS_GPU = 300       # the paper's ~300 contexts per study
-BATCH_SIZE = 64             # generation batch; CPU generation is memory-bound, 64 rows cost about what 16 do
-SCORE_BATCH_SIZE = 8        # sequences per forward pass when scoring (full-vocabulary logits are large)
-SHARPNESS_SEQS_CPU = 16     # validation sequences for the sharpness table (and the entropy match)
-SHARPNESS_SEQS_GPU = 128    # the paper's validation set size
-BLOCK_NGRAMS = 5            # citation blocking n (paper: 5)
+MODES = (
+    "original_greedy",
+    "original_top_p",
+    "original_entropy_matched",
+    "hyperfitted_greedy",
+    "hyperfitted_blocked",
+)
+ORIGINAL_ONLY_MODES = ("original_greedy", "original_top_p")  # what a bare model can be evaluated on
+NEW_TOKENS = 256  # paper: 96 (diversity table), 128 and 256 (human study); 224 in validation
+NUM_PROMPTS = dict(cpu=32, cuda=300)  # the paper: ~300 contexts per study; one CPU batch
+SHARPNESS_SEQS = dict(cpu=16, cuda=128)  # validation sequences for the sharpness table
+BATCH_SIZE = 64  # generation batch; CPU generation is memory-bound, 64 rows cost about what 16 do
+SCORE_BATCH_SIZE = 8  # sequences per forward pass when scoring (full-vocabulary logits are large)
+BLOCK_NGRAMS = 5  # citation blocking n (the paper: 5)
 TOP_P, TEMPERATURE, TOP_K = 0.9, 0.7, 50  # the paper's sampling baseline
 SEED = 0
-TTR_WINDOW, TTR_STRIDE = 96, 8            # sliding-window TTR along the continuation (paper Fig. 9)
+TABLE_TOKENS = 96  # the paper's diversity table scores 96-token continuations
+VALIDATION_TOKENS = 224  # the official validation generates 224 new tokens, TTR over the last 96
+TTR_WINDOW, TTR_STRIDE = hyperfit.TTR_WINDOW, 8  # sliding-window TTR along the continuation
 LOOP_MAX_PERIOD, LOOP_MIN_TOKENS = 64, 16  # see ends_in_loop
-OVERLAP_TOKENS = 10                        # "shares more than 10 tokens with the training data"
+OVERLAP_TOKENS = 10  # "shares more than 10 tokens with the training data"
 BLEU_ORDER, BLEU_SMOOTH, BLEU_SMOOTH_VALUE = 4, "floor", 0.1
-ENTROPY_SEARCH_RANGE, ENTROPY_SEARCH_TOLERANCE = (0.05, 2.0), 1e-3  # temperature bracket; stop width
-LOGIT_CACHE_BYTES = 2 * 2**30  # keep validation logits across the temperature search when they fit
+SIMCTG_ORDERS = (2, 3, 4)
+OVERRIDE_RANK_BUCKETS = ((2, 2), (3, 5), (6, 10), (11, 100), (101, None))  # original's ranks
+ENTROPY_SEARCH_RANGE, ENTROPY_SEARCH_TOLERANCE = (0.05, 2.0), 1e-3  # temperature bracket; width
+LOGIT_CACHE_BYTES = 2 * 2**30  # keep validation logits across the temperature search if they fit
+ANNOTATE_TOKENS = 128  # tokens per side on the annotation page (the paper's human study: 128, 256)
+ANNOTATE_MODES = ("original_greedy", "original_top_p", "hyperfitted_greedy", "hyperfitted_blocked")
 
-PER_GENERATION_METRICS = ("ttr_last96", "ttr", "rep_2", "rep_3", "rep_4", "diversity", "dataset_bleu4",
-                          "longest_train_overlap", "ppl_original")
-SET_METRICS = ("self_bleu4", "distinct_1", "distinct_2", "distinct_3", "loop_share", "overlap_gt10_share")
+PER_GENERATION_METRICS = (
+    "ttr_first96",
+    "self_bleu4_texygen_first96",
+    "dataset_bleu4_first96",
+    "longest_train_overlap_first96",
+    "ttr_last96_of_224",
+    "ttr_last96",
+    "ttr",
+    "token_rep_2",
+    "token_rep_3",
+    "token_rep_4",
+    "token_diversity",
+    "dataset_bleu4",
+    "longest_train_overlap",
+    "ppl_original",
+    "original_top1_share",
+    "self_bleu4_texygen",
+    "self_bleu4_token_ids",
+)
+SET_METRICS = (
+    "overlap_gt10_share_first96",
+    "simctg_rep_2",
+    "simctg_rep_3",
+    "simctg_rep_4",
+    "simctg_diversity",
+    "distinct_1",
+    "distinct_2",
+    "distinct_3",
+    "loop_share",
+    "overlap_gt10_share",
+    "override_beyond_top10_share",
+)
+
 
 # -----------------------------------------------------------------------------
-# generation
+# citation blocking
 
 
-class _StepProgress(LogitsProcessor):
-    """Ticks a progress bar once per generated token (it leaves the scores alone)."""
+class NGramBlocker:
+    """Citation blocking (Carlsson et al. 2025), a transformers logits processor: at every step,
+    forbid each token that would make the last `n` tokens (prompt included) an n-gram of the
+    training sequences; the best remaining token is then taken. A row whose every token is
+    forbidden is left unblocked. `rows` (optional) limits it to those batch rows.
 
-    def __init__(self, bar):
-        self.bar = bar
+    The index is built once: a dict from each (n-1)-token prefix seen in training (a tuple) to the
+    tokens that follow it there. A step costs one dict lookup per row and one indexed assignment,
+    whatever the size of the training data."""
 
-    def __call__(self, input_ids, scores):
-        self.bar.update(1)
-        return scores
-
-
-@torch.no_grad()
-def generate(model, prompt_ids, new_tokens, batch_size=16, do_sample=False, temperature=1.0,
-             top_p=1.0, top_k=0, logits_processor=None, seed=0, desc=None):
-    """Continue each row of `prompt_ids` (LongTensor [P, T], equal-length prompts, no padding)
-    by exactly `new_tokens` tokens with the KV cache, `batch_size` prompts at a time.
-
-    EOS is suppressed (min_new_tokens) so every continuation has the same length and the
-    metrics compare like with like, as in the paper's fixed-length continuations. Sampling is
-    seeded (same prompts, batch size and seed -> same text); top_k=0 / top_p=1 switch those off.
-    `desc` names a progress bar over token steps (None: no bar).
-    Returns LongTensor [P, new_tokens] of generated ids (prompt not included)."""
-    from tqdm.auto import tqdm
-    from transformers import LogitsProcessorList
-
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    if do_sample:
-        torch.manual_seed(seed)
-    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k) if do_sample \
-        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    starts = range(0, len(prompt_ids), batch_size)
-    bar = tqdm(total=len(starts) * new_tokens, desc=desc, unit="tok", disable=desc is None, leave=False)
-    processors = list(logits_processor or []) + [_StepProgress(bar)]
-    outputs = []
-    for start in starts:
-        batch = prompt_ids[start:start + batch_size].to(device)
-        out = model.generate(
-            input_ids=batch, attention_mask=torch.ones_like(batch),
-            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad_id,
-            logits_processor=LogitsProcessorList(processors), use_cache=True, **sampling)
-        outputs.append(out[:, batch.shape[1]:].cpu())
-    bar.close()
-    model.train(was_training)
-    return torch.cat(outputs)
-
-
-class NGramBlocker(LogitsProcessor):
-    """Citation blocking (Carlsson et al. 2025): at every step, forbid each token that would make the
-    last `n` tokens (prompt included) an n-gram of the training sequences; the best remaining token is
-    then taken. If every token of a row is forbidden, that row is left unblocked.
-
-    The index is built once: a dict from each (n-1)-token prefix seen in training (as a tuple) to the
-    list of tokens that follow it there. A step costs one dict lookup per row and one indexed
-    assignment, whatever the size of the training data. Time it with
-    `generate(model, prompts, 256, logits_processor=[NGramBlocker(train_ids, 5)])` against plain generate."""
-
-    def __init__(self, train_ids, n=BLOCK_NGRAMS):
+    def __init__(self, train_ids, n=BLOCK_NGRAMS, rows=None):
         if n < 1:
             raise UsageError(f"--block-ngrams must be at least 1, got {n}")
-        self.n = n
-        next_tokens = {}
-        windows = torch.as_tensor(train_ids).unfold(1, n, 1).reshape(-1, n).unique(dim=0).tolist()
-        for *prefix, token in windows:  # each n-gram once (unique above), so no duplicate bans
-            next_tokens.setdefault(tuple(prefix), []).append(token)
-        self.next_tokens = next_tokens
+        self.n, self.rows = n, rows
+        self.next_tokens = {}
+        windows = torch.as_tensor(train_ids).unfold(1, n, 1).reshape(-1, n).unique(dim=0)
+        for *prefix, token in windows.tolist():  # each n-gram once (unique), so no duplicate bans
+            self.next_tokens.setdefault(tuple(prefix), []).append(token)
 
     def __call__(self, input_ids, scores):
         length = input_ids.shape[1]
         if length < self.n - 1:
             return scores
         rows, cols = [], []
-        for row, prefix in enumerate(input_ids[:, length - (self.n - 1):].tolist()):
-            banned = self.next_tokens.get(tuple(prefix))
+        prefixes = input_ids[:, length - (self.n - 1) :].tolist()
+        for row in self.rows if self.rows is not None else range(len(prefixes)):
+            banned = self.next_tokens.get(tuple(prefixes[row]))
             if banned:
                 rows += [row] * len(banned)
                 cols += banned
@@ -176,7 +199,7 @@ class NGramBlocker(LogitsProcessor):
             cols = torch.tensor(cols, device=scores.device)
             kept = scores[rows, cols]
             scores[rows, cols] = -math.inf
-            dead = torch.isneginf(scores).all(dim=-1)  # nothing left to take: undo the ban on that row
+            dead = torch.isneginf(scores).all(dim=-1)  # nothing left to take: undo that row's ban
             if dead.any():
                 undo = dead[rows]
                 scores[rows[undo], cols[undo]] = kept[undo]
@@ -184,83 +207,82 @@ class NGramBlocker(LogitsProcessor):
 
 
 # -----------------------------------------------------------------------------
-# metrics of one continuation or a set of them (lists of token ids)
-
-
-def type_token_ratio(ids, last=None):
-    """Unique tokens / tokens, over the last `last` tokens if given (the paper uses the last 96)."""
-    ids = list(ids)[-last:] if last else list(ids)
-    return len(set(ids)) / len(ids) if ids else float("nan")
+# metrics of token sequences (lists of token ids)
 
 
 def ttr_windows(ids, window=TTR_WINDOW, stride=TTR_STRIDE):
-    """TTR of sliding windows of `window` tokens ending at positions window, window+stride, ... <= len(ids)
-    (paper Fig. 9). A continuation shorter than `window` gives one window over all of it.
-    Returns (positions, ttrs): the end position of each window and its TTR."""
+    """TTR of sliding windows of `window` tokens ending at positions window, window + stride, ...
+    <= len(ids) (the paper's Figure 9). A sequence shorter than `window` gives one window over all
+    of it. Returns (positions, ttrs): the end position of each window and its TTR."""
     ids = list(ids)
     window = min(window, len(ids))
     positions = list(range(window, len(ids) + 1, stride)) if window else []
-    return positions, [type_token_ratio(ids[end - window:end]) for end in positions]
+    return positions, [hyperfit.type_token_ratio(ids[end - window : end]) for end in positions]
 
 
-def _ngrams(ids, n):
+def ttr_of_window(ids, first, last):
+    """TTR of tokens first..last (1-based, inclusive); None when the sequence is shorter."""
+    return hyperfit.type_token_ratio(ids[first - 1 : last]) if len(ids) >= last else None
+
+
+def ngrams(ids, n):
     ids = list(ids)
-    return [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return [tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)]
 
 
-def rep_n(ids, n):
-    """SimCTG rep-n: 1 - unique n-grams / n-grams of one continuation (0.0 if it has no n-gram)."""
-    grams = _ngrams(ids, n)
+def token_rep_n(ids, n):
+    """The kit's per-continuation rep-n: 1 - unique n-grams / n-grams (0.0 without n-grams)."""
+    grams = ngrams(ids, n)
     return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def diversity(ids):
-    """SimCTG diversity: product of (1 - rep-n) for n = 2, 3, 4."""
-    return math.prod(1.0 - rep_n(ids, n) for n in (2, 3, 4))
+def token_diversity(ids):
+    """The kit's per-continuation diversity: product of (1 - token_rep_n) for n = 2, 3, 4."""
+    return math.prod(1.0 - token_rep_n(ids, n) for n in SIMCTG_ORDERS)
 
 
 def distinct_n(sequences, n):
     """distinct-n across a set: unique n-grams / all n-grams, pooled over all sequences."""
-    grams = [g for ids in sequences for g in _ngrams(ids, n)]
+    grams = [g for ids in sequences for g in ngrams(ids, n)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def ends_in_loop(ids, max_period=LOOP_MAX_PERIOD, min_tokens=LOOP_MIN_TOKENS):
     """True if the sequence ends in a repeating loop: for some period p <= max_period, its last
-    L = max(2p, min_tokens) tokens repeat with period p (token i equals token i-p), i.e. the final unit
-    of p tokens occurs at least twice back to back and the repetition covers >= min_tokens tokens
-    ("the the the ..." needs 16 copies, a 12-token sentence 2)."""
+    L = max(2p, min_tokens) tokens repeat with period p (token i equals token i-p), i.e. the final
+    unit of p tokens occurs at least twice back to back and the repetition covers >= min_tokens
+    tokens ("the the the ..." needs 16 copies, a 12-token sentence 2)."""
     ids = np.asarray(ids)
     for p in range(1, max_period + 1):
         span = max(2 * p, min_tokens)
         if span > len(ids):
             break
-        tail = ids[len(ids) - span:]
+        tail = ids[len(ids) - span :]
         if np.array_equal(tail[p:], tail[:-p]):
             return True
     return False
 
 
-# n-grams of token ids are compared through 64-bit hashes (FNV-1a over whole tokens, wrapping uint64
-# arithmetic): a few million n-grams collide with probability ~1e-7, and sorted arrays of hashes make
-# "which of these n-grams occur in training" one vectorised binary search.
-_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
+# n-grams of ids are compared through 64-bit hashes (FNV-1a over whole ids, wrapping uint64
+# arithmetic): a few million n-grams collide with probability ~1e-7, and sorted arrays of hashes
+# make "which of these n-grams occur in training" one vectorised binary search.
+FNV_OFFSET, FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
 
 
-def _ngram_hashes(rows, n):
+def ngram_hashes(rows, n):
     """Hash of every n-gram within each row of `rows` (ints, [R, L] or [L]) -> uint64 [R, L-n+1]."""
     rows = np.atleast_2d(np.asarray(rows, dtype=np.int64)).astype(np.uint64)
     width = max(rows.shape[1] - n + 1, 0)
-    hashes = np.full((rows.shape[0], width), _FNV_OFFSET, dtype=np.uint64)
+    hashes = np.full((rows.shape[0], width), FNV_OFFSET, dtype=np.uint64)
     for j in range(n):
-        hashes = (hashes ^ rows[:, j:j + width]) * _FNV_PRIME
+        hashes = (hashes ^ rows[:, j : j + width]) * FNV_PRIME
     return hashes
 
 
-def _max_count_table(rows, n):
-    """For the n-grams of `rows` [R, L]: (sorted unique hashes, the largest count of each within one row),
-    i.e. the reference side of BLEU's clipping with every row as a reference."""
-    hashes = np.sort(_ngram_hashes(rows, n), axis=1)
+def max_count_table(rows, n):
+    """For the n-grams of `rows` [R, L]: (sorted unique hashes, the largest count of each within
+    one row), i.e. the reference side of BLEU's clipping with every row as a reference."""
+    hashes = np.sort(ngram_hashes(rows, n), axis=1)
     flat = hashes.ravel()
     row_of = np.repeat(np.arange(hashes.shape[0]), hashes.shape[1])
     new_run = np.ones(len(flat), dtype=bool)
@@ -278,22 +300,25 @@ def _max_count_table(rows, n):
 
 
 class TrainingIndex:
-    """The training sequences (LongTensor or array [R, L]) indexed once for the memorisation metrics:
-    for n = 1 .. OVERLAP_TOKENS + 1 the n-grams occurring in training (sorted hashes, with the largest
-    count within one sequence for BLEU), and where each (OVERLAP_TOKENS + 1)-gram occurs, to extend a
-    shared span beyond that length token by token. N-grams never cross from one sequence to the next."""
+    """The training sequences (LongTensor or array [R, L]) indexed once for the memorisation
+    metrics: for n = 1 .. OVERLAP_TOKENS + 1 the n-grams occurring in training (sorted hashes,
+    with the largest count within one sequence for BLEU), and where each (OVERLAP_TOKENS + 1)-gram
+    occurs, to extend a shared span beyond that length token by token. N-grams never cross from
+    one sequence to the next."""
 
     def __init__(self, train_ids, anchor=OVERLAP_TOKENS + 1):
         self.rows = np.asarray(train_ids, dtype=np.int64)
         self.anchor = anchor
-        self.tables = {n: _max_count_table(self.rows, n) for n in range(1, max(anchor, BLEU_ORDER) + 1)}
-        anchor_hashes = _ngram_hashes(self.rows, anchor).ravel()
-        self.anchor_order = np.argsort(anchor_hashes, kind="stable")  # flat positions, sorted by hash
+        orders = range(1, max(anchor, BLEU_ORDER) + 1)
+        self.tables = {n: max_count_table(self.rows, n) for n in orders}
+        anchor_hashes = ngram_hashes(self.rows, anchor).ravel()
+        self.anchor_order = np.argsort(anchor_hashes, kind="stable")  # flat positions by hash
         self.anchor_sorted = anchor_hashes[self.anchor_order]
         self.ref_lengths = sorted({self.rows.shape[1]})
 
     def lookup(self, query, n):
-        """For hashed n-grams `query`: (which occur in training, their largest count within one sequence)."""
+        """For hashed n-grams `query`: (which occur in training, their largest count in one
+        sequence)."""
         hashes, max_counts = self.tables[n]
         if len(hashes) == 0:
             return np.zeros(len(query), dtype=bool), np.zeros(len(query), dtype=np.int64)
@@ -302,73 +327,99 @@ class TrainingIndex:
 
     def contains_any(self, ids, n):
         """Does any n-gram of `ids` occur in training?"""
-        return bool(self.lookup(_ngram_hashes(ids, n).ravel(), n)[0].any())
+        return bool(self.lookup(ngram_hashes(ids, n).ravel(), n)[0].any())
 
 
 def longest_shared_span(ids, index):
-    """Length of the longest run of consecutive tokens of `ids` that also occurs inside one training
-    sequence (`index`: a TrainingIndex). Up to index.anchor tokens it is read off the n-gram tables;
-    longer spans are found by extending every anchor-length match token by token, skipping matches that
-    extend to the left (they are part of a match found from an earlier start)."""
+    """Length of the longest run of consecutive tokens of `ids` that also occurs inside one
+    training sequence (`index`: a TrainingIndex). Up to index.anchor tokens it is read off the
+    n-gram tables; longer spans are found by extending every anchor-length match token by token,
+    skipping matches that extend to the left (part of a match found from an earlier start)."""
     ids = np.asarray(ids, dtype=np.int64)
     longest = 0
-    for n in range(1, min(index.anchor, len(ids)) + 1):  # a shared n-gram implies shared shorter ones
+    for n in range(1, min(index.anchor, len(ids)) + 1):  # a shared n-gram implies shorter ones
         if not index.contains_any(ids, n):
             return longest
         longest = n
     if longest < index.anchor:
         return longest
     rows, width = index.rows, index.rows.shape[1] - index.anchor + 1
-    query = _ngram_hashes(ids, index.anchor).ravel()
+    query = ngram_hashes(ids, index.anchor).ravel()
     lo = np.searchsorted(index.anchor_sorted, query, side="left")
     hi = np.searchsorted(index.anchor_sorted, query, side="right")
     for i in np.flatnonzero(hi > lo):
-        positions = index.anchor_order[lo[i]:hi[i]]
+        positions = index.anchor_order[lo[i] : hi[i]]
         r, c = positions // width, positions % width
         if i > 0:  # drop matches that also hold one token to the left: counted from start i-1
             left = (c > 0) & (rows[r, np.maximum(c - 1, 0)] == ids[i - 1])
             r, c = r[~left], c[~left]
         for row, col in zip(r.tolist(), c.tolist()):
             room = min(len(ids) - i, rows.shape[1] - col)
-            same = ids[i:i + room] == rows[row, col:col + room]
-            length = room if same.all() else int(np.argmin(same))  # exact, so a hash collision can't count
+            same = ids[i : i + room] == rows[row, col : col + room]
+            length = room if same.all() else int(np.argmin(same))  # exact: no hash collision
             longest = max(longest, length)
     return longest
 
 
-def _bleu(correct, total, hyp_len, ref_lens):
-    """sacrebleu's sentence BLEU-4 from clipped n-gram counts (floor smoothing 0.1, effective order)."""
+# -----------------------------------------------------------------------------
+# BLEU from clipped n-gram counts: sacrebleu's formula (token ids) and nltk's (Texygen, words)
+
+
+def sacrebleu_bleu4(correct, total, hyp_len, ref_lens):
+    """sacrebleu's sentence BLEU-4 (0-100) from clipped n-gram counts: floor smoothing 0.1,
+    effective order, brevity penalty against the closest reference length."""
     from sacrebleu.metrics import BLEU
+
     ref_len = min(ref_lens, key=lambda r: (abs(r - hyp_len), r))  # closest, the shorter on a tie
-    return BLEU.compute_bleu([int(c) for c in correct], [int(t) for t in total], hyp_len, ref_len,
-                             smooth_method=BLEU_SMOOTH, smooth_value=BLEU_SMOOTH_VALUE,
-                             effective_order=True, max_ngram_order=BLEU_ORDER).score
+    return BLEU.compute_bleu(
+        [int(c) for c in correct],
+        [int(t) for t in total],
+        hyp_len,
+        ref_len,
+        smooth_method=BLEU_SMOOTH,
+        smooth_value=BLEU_SMOOTH_VALUE,
+        effective_order=True,
+        max_ngram_order=BLEU_ORDER,
+    ).score
+
+
+def nltk_bleu4(correct, total, hyp_len, ref_lens):
+    """nltk.translate.bleu_score.sentence_bleu with SmoothingFunction().method1 (Texygen's BLEU),
+    from clipped n-gram counts, x 100: nltk's own Fraction, brevity penalty and smoothing, and its
+    rules (no unigram match: 0; an order with no n-gram counts 0 / 1 before smoothing)."""
+    from nltk.translate.bleu_score import Fraction, SmoothingFunction, brevity_penalty
+
+    if correct[0] == 0:
+        return 0.0
+    precisions = [
+        Fraction(int(c), max(1, int(t)), _normalize=False) for c, t in zip(correct, total)
+    ]
+    precisions = SmoothingFunction().method1(precisions)
+    ref_len = min(ref_lens, key=lambda r: (abs(r - hyp_len), r))
+    logs = (math.log(p) / BLEU_ORDER for p in precisions if p > 0)
+    return 100 * brevity_penalty(ref_len, hyp_len) * math.exp(math.fsum(logs))
 
 
 def dataset_bleu4(ids, index):
-    """BLEU-4 (0-100) of one continuation with every training sequence as a reference (`index`: a
-    TrainingIndex). Same value as sacrebleu.sentence_bleu with all of them listed as references."""
+    """BLEU-4 (0-100) of one continuation with every training sequence as a reference (`index`:
+    a TrainingIndex). Same value as sacrebleu.sentence_bleu with all of them as references."""
     correct, total = [], []
     for n in range(1, BLEU_ORDER + 1):
-        query, counts = np.unique(_ngram_hashes(ids, n), return_counts=True)
+        query, counts = np.unique(ngram_hashes(ids, n), return_counts=True)
         found, max_counts = index.lookup(query, n)
         correct.append(np.minimum(counts, max_counts)[found].sum())
         total.append(max(len(ids) - n + 1, 0))
-    return _bleu(correct, total, len(ids), index.ref_lengths)
+    return sacrebleu_bleu4(correct, total, len(ids), index.ref_lengths)
 
 
-def self_bleu4(sequences):
-    """Self-BLEU-4 (Texygen): for each sequence, BLEU-4 (0-100) with all the *other* sequences as
-    references. Returns one value per sequence (their mean is the set's Self-BLEU), or Nones for a set
-    of fewer than two. The reference counts are shared: for every n-gram we keep its largest and
+def self_bleu_counts(sequences):
+    """Clipped n-gram matches of each sequence against all the *other* sequences, n = 1..4: an
+    array [num, 4]. The reference counts are shared: for every n-gram the largest and
     second-largest count over the set, so "largest among the others" is one lookup."""
     num = len(sequences)
-    if num < 2:
-        return [None] * num
-    lengths = [len(s) for s in sequences]
     correct = np.zeros((num, BLEU_ORDER))
     for n in range(1, BLEU_ORDER + 1):
-        per_seq = [np.unique(_ngram_hashes(s, n), return_counts=True) for s in sequences]
+        per_seq = [np.unique(ngram_hashes(s, n), return_counts=True) for s in sequences]
         hashes = np.concatenate([h for h, _ in per_seq])
         counts = np.concatenate([c for _, c in per_seq])
         owner = np.concatenate([np.full(len(h), k) for k, (h, _) in enumerate(per_seq)])
@@ -380,10 +431,79 @@ def self_bleu4(sequences):
         group = np.cumsum(first) - 1
         runner_up = np.minimum(starts + 1, len(hashes) - 1)
         second = np.where(first[runner_up] | (runner_up == starts), 0, counts[runner_up])
-        best_of_others = np.where(owner == owner[starts][group], second[group], counts[starts][group])
-        correct[:, n - 1] = np.bincount(owner, weights=np.minimum(counts, best_of_others), minlength=num)
+        best = np.where(owner == owner[starts][group], second[group], counts[starts][group])
+        correct[:, n - 1] = np.bincount(owner, weights=np.minimum(counts, best), minlength=num)
+    return correct
+
+
+def self_bleu4(sequences, bleu=sacrebleu_bleu4):
+    """Self-BLEU-4 (Texygen; Holtzman et al. 2020): for each sequence (of ints), BLEU-4 (0-100)
+    with all the *other* sequences as references, by the formula `bleu`. Returns one value per
+    sequence (their mean is the set's Self-BLEU); Nones for a set of fewer than two."""
+    num = len(sequences)
+    if num < 2:
+        return [None] * num
+    correct = self_bleu_counts(sequences)
+    lengths = [len(s) for s in sequences]
     total = [[max(length - n + 1, 0) for n in range(1, BLEU_ORDER + 1)] for length in lengths]
-    return [_bleu(correct[k], total[k], lengths[k], lengths[:k] + lengths[k + 1:]) for k in range(num)]
+    others = [lengths[:k] + lengths[k + 1 :] for k in range(num)]
+    return [bleu(correct[k], total[k], lengths[k], others[k]) for k in range(num)]
+
+
+def words(text):
+    """Texygen's words of a text: nltk's Treebank word tokenizer on the whole text (preserve_line:
+    no punkt sentence split, which needs downloaded data)."""
+    from nltk.tokenize import word_tokenize
+
+    return word_tokenize(text, preserve_line=True)
+
+
+def self_bleu4_texygen(texts):
+    """Texygen's Self-BLEU-4 of decoded texts (x 100), one value per text: words mapped to ids,
+    then self_bleu4 with nltk's formula."""
+    vocabulary = {}
+    sequences = [[vocabulary.setdefault(w, len(vocabulary)) for w in words(t)] for t in texts]
+    return self_bleu4(sequences, bleu=nltk_bleu4)
+
+
+def simctg_repetition(texts):
+    """SimCTG's measure_repetition_and_diversity (simctg/evaluation.py) on decoded texts: for
+    n = 2, 3, 4 the per-text unique and total n-gram counts of whitespace words (its loop stops
+    one n-gram before the end of a text) summed over the texts; rep-n = 100 * (1 - unique /
+    total) rounded to 2 decimals; diversity = prod (1 - rep-n / 100). Returns dict(simctg_rep_2,
+    simctg_rep_3, simctg_rep_4, simctg_diversity); rep-n is None when no text has an n-gram."""
+    unique, total = dict.fromkeys(SIMCTG_ORDERS, 0), dict.fromkeys(SIMCTG_ORDERS, 0)
+    for text in texts:
+        tokens = text.strip("\n").strip().split()
+        for n in SIMCTG_ORDERS:
+            grams = [" ".join(tokens[i : i + n]) for i in range(len(tokens) - n)]  # its bound
+            unique[n] += len(set(grams))
+            total[n] += len(grams)
+    result = {}
+    for n in SIMCTG_ORDERS:
+        rep = round((1 - unique[n] / total[n]) * 100, 2) if total[n] else None
+        result[f"simctg_rep_{n}"] = rep
+    reps = [result[f"simctg_rep_{n}"] for n in SIMCTG_ORDERS]
+    result["simctg_diversity"] = math.prod(1 - r / 100 for r in reps) if None not in reps else None
+    return result
+
+
+def override_statistics(ranks):
+    """From the original model's rank (1 = its top-1) of each generated token, pooled over a
+    mode: the share of tokens that are its top-1, and of the others ("overrides") the share ranked
+    below 10th and the shares per rank bucket (Beyond Temperature's rank analysis)."""
+    ranks = np.concatenate([np.asarray(r) for r in ranks]) if ranks else np.zeros(0)
+    overrides = ranks[ranks > 1]
+    buckets = {}
+    for low, high in OVERRIDE_RANK_BUCKETS:
+        inside = (overrides >= low) & (overrides <= high if high else True)
+        name = f"{low}-{high}" if high and high != low else (str(low) if high else f">{low - 1}")
+        buckets[name] = float(inside.mean()) if len(overrides) else None
+    return dict(
+        original_top1_share=float((ranks == 1).mean()) if len(ranks) else None,
+        override_beyond_top10_share=float((overrides > 10).mean()) if len(overrides) else None,
+        override_rank_shares=buckets,
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -391,390 +511,777 @@ def self_bleu4(sequences):
 
 
 @torch.no_grad()
-def token_statistics(model, ids, batch_size=8, temperature=1.0, reference_model=None):
-    """Next-token statistics of `model` on the sequences `ids` (LongTensor [N, T]), averaged over
-    every predicted position: loss (nats), perplexity, predictive entropy (nats), and the
-    probability mass on the top-1/3/5 tokens. `temperature` rescales the logits first (used for
-    the entropy-matched baseline). With `reference_model`, also top1_agreement: the share of
-    positions where both models rank the same token first. Returns a dict of floats."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    totals = dict(loss=0.0, entropy=0.0, top1=0.0, top3=0.0, top5=0.0, top1_agreement=0.0)
-    count = 0
-    for start in range(0, len(ids), batch_size):
-        batch = ids[start:start + batch_size].to(device)
-        logits = model(input_ids=batch).logits[:, :-1].float() / temperature
-        targets = batch[:, 1:]
-        logp = torch.log_softmax(logits, dim=-1)
-        probs = logp.exp()
-        top5 = probs.topk(5, dim=-1).values
-        totals["loss"] += -logp.gather(-1, targets.unsqueeze(-1)).sum().item()
-        totals["entropy"] += -(probs * logp).sum(-1).sum().item()
-        totals["top1"] += top5[..., 0].sum().item()
-        totals["top3"] += top5[..., :3].sum().item()
-        totals["top5"] += top5.sum().item()
-        if reference_model is not None:
-            reference = reference_model(input_ids=batch.to(next(reference_model.parameters()).device)).logits
-            totals["top1_agreement"] += (reference[:, :-1].argmax(-1).to(device) == logits.argmax(-1)).sum().item()
-        count += targets.numel()
-    model.train(was_training)
-    stats = {k: v / count for k, v in totals.items()}
-    stats["perplexity"] = math.exp(stats["loss"])
-    if reference_model is None:
-        del stats["top1_agreement"]
-    return stats
-
-
-@torch.no_grad()
-def entropy_matched_temperature(model, ids, target_entropy, batch_size=SCORE_BATCH_SIZE,
-                                bracket=ENTROPY_SEARCH_RANGE, tolerance=ENTROPY_SEARCH_TOLERANCE):
-    """The temperature T at which `model`'s mean predictive entropy on `ids` (the quantity of
-    token_statistics) equals `target_entropy` (the follow-up paper's control). The entropy of
-    softmax(z / T) grows monotonically with T (dH/dT = Var_p(z) / T^3), so bisection on T finds it; the
-    upper end of the bracket doubles until it is above the target (up to T = 64). The logits are
-    computed once when they fit in LOGIT_CACHE_BYTES, else the model is rerun at every step.
-    Returns dict(temperature, target_entropy, achieved_entropy, steps)."""
-    model.eval()
-    vocab = model.config.get_text_config().vocab_size
+def entropy_matched_temperature(
+    net,
+    ids,
+    target_entropy,
+    batch_size=SCORE_BATCH_SIZE,
+    bracket=ENTROPY_SEARCH_RANGE,
+    tolerance=ENTROPY_SEARCH_TOLERANCE,
+):
+    """The temperature T at which `net`'s mean predictive entropy on `ids` (the quantity of
+    hyperfit.token_statistics) equals `target_entropy` (the follow-up paper's control). The
+    entropy of softmax(z / T) grows monotonically with T (dH/dT = Var_p(z) / T^3), so bisection
+    on T finds it; the upper end of the bracket doubles until it is above the target (up to
+    T = 64). The logits are computed once when they fit in LOGIT_CACHE_BYTES, else the model runs
+    at every step. Returns dict(temperature, target_entropy, achieved_entropy, steps)."""
+    net.eval()
+    vocab = net.config.get_text_config().vocab_size
     cache = None
     if ids.shape[0] * (ids.shape[1] - 1) * vocab * 4 <= LOGIT_CACHE_BYTES:
-        device = next(model.parameters()).device
-        cache = [model(input_ids=ids[s:s + batch_size].to(device)).logits[:, :-1].float()
-                 for s in range(0, len(ids), batch_size)]
-
-    def mean_entropy(temperature):
-        if cache is None:
-            return token_statistics(model, ids, batch_size, temperature=temperature)["entropy"]
-        total = count = 0
-        for logits in cache:
-            logp = torch.log_softmax(logits / temperature, dim=-1)
-            total += -(logp.exp() * logp).sum().item()
-            count += logp.shape[0] * logp.shape[1]
-        return total / count
-
+        device = next(net.parameters()).device
+        cache = [
+            net(input_ids=ids[s : s + batch_size].to(device)).logits[:, :-1].float()
+            for s in range(0, len(ids), batch_size)
+        ]
     low, high = bracket
     steps = 0
-    while mean_entropy(high) < target_entropy and high < 64:
+    while mean_entropy(net, ids, cache, high, batch_size) < target_entropy and high < 64:
         high, steps = high * 2, steps + 1
     while high - low > tolerance:
         middle = (low + high) / 2
-        low, high = (middle, high) if mean_entropy(middle) < target_entropy else (low, middle)
+        below = mean_entropy(net, ids, cache, middle, batch_size) < target_entropy
+        low, high = (middle, high) if below else (low, middle)
         steps += 1
     temperature = (low + high) / 2
-    return dict(temperature=temperature, target_entropy=target_entropy,
-                achieved_entropy=mean_entropy(temperature), steps=steps)
+    achieved = mean_entropy(net, ids, cache, temperature, batch_size)
+    return dict(
+        temperature=temperature,
+        target_entropy=target_entropy,
+        achieved_entropy=achieved,
+        steps=steps,
+    )
+
+
+def mean_entropy(net, ids, cache, temperature, batch_size):
+    """Mean predictive entropy (nats) at `temperature`, from cached logits when there are some."""
+    if cache is None:
+        return hyperfit.token_statistics(net, ids, batch_size, temperature=temperature)["entropy"]
+    total = count = 0
+    for logits in cache:
+        logp = torch.log_softmax(logits / temperature, dim=-1)
+        total += -(logp.exp() * logp).sum().item()
+        count += logp.shape[0] * logp.shape[1]
+    return total / count
 
 
 @torch.no_grad()
-def continuation_perplexity(model, prompt_ids, continuation_ids, batch_size=SCORE_BATCH_SIZE):
-    """Perplexity of each continuation given its prompt under `model`: exp of the mean negative
-    log-likelihood of the continuation tokens only. Returns a list of floats, one per row."""
-    device = next(model.parameters()).device
-    model.eval()
+def score_continuations(net, prompt_ids, continuation_ids, batch_size=SCORE_BATCH_SIZE):
+    """Each continuation under `net` (the original model): its perplexity given its prompt (exp of
+    the mean negative log-likelihood of the continuation's tokens), and the rank of each of its
+    tokens among net's predictions for that position (1 = net's top-1; a tie counts for the
+    token). Returns (perplexities: list of floats, ranks: list of lists of ints)."""
+    device = next(net.parameters()).device
+    net.eval()
     sequences = torch.cat([prompt_ids, continuation_ids], dim=1)
-    first = prompt_ids.shape[1]  # logits at position t predict token t+1
-    result = []
+    first = prompt_ids.shape[1]  # logits at position t predict token t + 1
+    perplexities, ranks = [], []
     for start in range(0, len(sequences), batch_size):
-        batch = sequences[start:start + batch_size].to(device)
-        logits = model(input_ids=batch).logits[:, first - 1:-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, first:], reduction="none")
-        result += nll.mean(dim=1).exp().tolist()
-    return result
+        batch = sequences[start : start + batch_size].to(device)
+        logits = net(input_ids=batch).logits[:, first - 1 : -1].float()
+        targets = batch[:, first:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        perplexities += nll.mean(dim=1).exp().tolist()
+        chosen = logits.gather(-1, targets.unsqueeze(-1))
+        ranks += (1 + (logits > chosen).sum(-1)).tolist()
+    return perplexities, ranks
 
 
 # -----------------------------------------------------------------------------
 # what to evaluate: the run's model, adapter and exact data split
 
 
-def _positive(name, value):
-    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-        raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-
-
-def resolve_setup(run_dir=None, model=None, quant=None, split=None):
-    """What evaluate() works on, checked before anything is loaded or written: dict(run_name, model,
-    quant, adapter (folder or None), split (data, seq_len, num_train, num_val, seed, prompt_len),
-    train_fingerprint (None without a run)). `split` overrides the data settings without a run."""
-    import hyperfit
-    split = {k: v for k, v in (split or {}).items() if v is not None}
-    if run_dir is None:
-        if model is None:
-            raise UsageError("give a run folder (RUN_DIR) to evaluate a hyperfitted model, or --model to "
-                             "evaluate an original model alone")
-        args = hyperfit.resolve_args(model)  # the preset's data settings, as hyperfit.py would use them
-        setup_split = {k: args[k] for k in ("data", "seq_len", "num_train", "num_val", "seed", "prompt_len")}
-        setup_split.update(split)
-        for name in ("seq_len", "num_train", "num_val", "prompt_len"):
-            _positive(name, setup_split[name])
-        if setup_split["prompt_len"] >= setup_split["seq_len"]:
-            raise UsageError(f"--prompt-len ({setup_split['prompt_len']}) must be shorter than --seq-len "
-                             f"({setup_split['seq_len']})")
-        return dict(run_name=f"{Path(model).name}-original", model=model, quant=quant or args["quant"],
-                    adapter=None, split=setup_split, train_fingerprint=None)
-    run = Path(run_dir)
-    if not (run / "config.json").exists():
-        raise UsageError(f"{run_dir} has no config.json: pass a run folder written by hyperfit.py "
-                         "(results/<run-name>), or --model alone to evaluate an original model")
-    if split:
-        raise UsageError(f"--{next(iter(split)).replace('_', '-')} applies only without a run folder: "
-                         f"{run_dir} is evaluated on its own data split")
-    config = json.loads((run / "config.json").read_text())
-    args = config["args"]
-    adapter = run / "adapter"
-    if not (adapter / "adapter_config.json").exists():
-        raise UsageError(f"{run_dir} has no adapter/ (the run did not finish): finish it with python hyperfit.py "
-                         f"--run-name {config.get('run_name', run.name)} --out-dir {run.parent} --resume, "
-                         "or pass --model alone to evaluate the original model")
-    base = json.loads((adapter / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if model is not None and model not in (args["model"], base):
-        same_folder = base and os.path.isdir(model) and os.path.isdir(base) and os.path.samefile(model, base)
-        if not same_folder:
-            raise UsageError(f"--model {model} differs from the base model {args['model']} that {run_dir} was "
-                             f"trained on (its adapter expects {base}); drop --model or pass --model {args['model']}")
-    return dict(run_name=config.get("run_name", run.name), model=args["model"], quant=quant or args["quant"],
-                adapter=str(adapter), train_fingerprint=config.get("train_fingerprint"),
-                split={k: args[k] for k in ("data", "seq_len", "num_train", "num_val", "seed", "prompt_len")})
-
-
-def load_split(tokenizer, setup):
-    """Rebuild the run's exact data split; a changed dataset is an error, not a silently different test."""
-    import hyperfit
-    s = setup["split"]
-    splits = hyperfit.make_splits(tokenizer, hyperfit.load_texts(s["data"]), s["seq_len"], s["num_train"],
-                                  s["num_val"], s["seed"])
-    if setup["train_fingerprint"] and hyperfit.fingerprint(splits["train"]) != setup["train_fingerprint"]:
-        raise UsageError(f"the training split rebuilt from {s['data']} does not match the run's config.json "
-                         "(train_fingerprint): the data or tokenizer changed since training; restore them")
-    return splits
-
-
-def load_models(setup, device=None):
-    """(original, hyperfitted or None) ready to generate. On CPU both are plain float copies with the LoRA
-    merged (bitsandbytes dequantizes at every step on CPU: the copy generates ~3x faster); on a GPU the
-    quantized models themselves, the original loaded a second time without the adapter."""
-    from hyperfit import dense_copy, load_model
-    net, _ = load_model(setup["model"], setup["quant"], adapter=setup["adapter"], device=device)
-    if net.device.type != "cpu":
-        original = load_model(setup["model"], setup["quant"], device=device)[0] if setup["adapter"] else net
-        return original.eval(), (net.eval() if setup["adapter"] else None)
-    if setup["adapter"] is None:
-        return dense_copy(net), None
-    hyperfitted = dense_copy(net)
-    with net.disable_adapter():
-        original = dense_copy(net)
-    return original, hyperfitted
-
-
-# -----------------------------------------------------------------------------
-# the evaluation
-
-
-def _mean_std(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return dict(mean=None, std=None)
-    return dict(mean=float(np.mean(values)), std=float(np.std(values)))  # population std over generations
-
-
-def summarize_mode(records, new_tokens):
-    """Summary entry of one mode from its generation records: n, metrics (mean and std over generations,
-    std None for set-level metrics) and the sliding-window TTR curve."""
-    ids = [r["token_ids"] for r in records]
-    metrics = {key: _mean_std([r[key] for r in records]) for key in PER_GENERATION_METRICS}
-    self_bleu = [r["self_bleu4"] for r in records if r["self_bleu4"] is not None]
-    set_values = dict(self_bleu4=float(np.mean(self_bleu)) if self_bleu else None,
-                      distinct_1=distinct_n(ids, 1), distinct_2=distinct_n(ids, 2), distinct_3=distinct_n(ids, 3),
-                      loop_share=float(np.mean([r["ends_in_loop"] for r in records])),
-                      overlap_gt10_share=float(np.mean([r["longest_train_overlap"] > OVERLAP_TOKENS
-                                                        for r in records])))
-    metrics.update({key: dict(mean=value, std=None) for key, value in set_values.items()})
-    curves = [ttr_windows(s) for s in ids]
-    window = min(TTR_WINDOW, new_tokens)
-    values = np.array([ttrs for _, ttrs in curves])
-    curve = dict(window=window, positions=curves[0][0], mean=values.mean(0).tolist(), std=values.std(0).tolist())
-    return dict(n=len(records), metrics=metrics, ttr_by_position=curve)
-
-
-def measure_generations(mode, prompt_ids, continuations, index, tokenizer, ppl_original, prompt_sources):
-    """The generations.jsonl records of one mode: text, per-token pieces and per-generation metrics."""
-    piece = {}  # token id -> decoded text, each id decoded once
-    self_bleu = self_bleu4([c.tolist() for c in continuations])
-    records = []
-    for i, (prompt, ids) in enumerate(zip(prompt_ids, continuations.tolist())):
-        for t in ids:
-            if t not in piece:
-                piece[t] = tokenizer.decode([t])
-        records.append(dict(
-            mode=mode, prompt_id=i, prompt_source=prompt_sources[i], prompt_text=tokenizer.decode(prompt),
-            text=tokenizer.decode(ids), tokens=[piece[t] for t in ids], token_ids=ids,
-            ttr_last96=type_token_ratio(ids, last=96), ttr=type_token_ratio(ids),
-            rep_2=rep_n(ids, 2), rep_3=rep_n(ids, 3), rep_4=rep_n(ids, 4), diversity=diversity(ids),
-            ends_in_loop=ends_in_loop(ids), longest_train_overlap=longest_shared_span(ids, index),
-            dataset_bleu4=dataset_bleu4(ids, index), self_bleu4=self_bleu[i], ppl_original=ppl_original[i]))
-    return records
-
-
-def evaluate(run_dir=None, model=None, modes=None, num_prompts=None, new_tokens=NEW_TOKENS,
-             block_ngrams=BLOCK_NGRAMS, top_p=TOP_P, temperature=TEMPERATURE, top_k=TOP_K,
-             batch_size=BATCH_SIZE, seed=SEED, quant=None, out_dir=None, sharpness_seqs=None, device=None,
-             data=None, seq_len=None, num_train=None, num_val=None, prompt_len=None, progress=True):
-    """Evaluate a hyperfitted run (`run_dir`) and/or an original model (`model` alone) and write
-    generations.jsonl, table.md and summary.json to `out_dir` (default <run_dir>/eval, or
-    results/<model>-original/eval). Returns the summary dict.
-
-    modes: any of MODES (default: all five with a run, the two original ones without). num_prompts
-    defaults to NUM_PROMPTS_CPU on CPU and NUM_PROMPTS_GPU on a GPU; sharpness_seqs likewise. data,
-    seq_len, num_train, num_val, prompt_len choose the split without a run (default: the preset's).
-    Raises UsageError on bad input before writing anything."""
-    from transformers import AutoTokenizer
-
-    import hyperfit
-    started = time.time()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_cpu = device.type == "cpu"
-    num_prompts = num_prompts if num_prompts is not None else (NUM_PROMPTS_CPU if on_cpu else NUM_PROMPTS_GPU)
-    sharpness_seqs = sharpness_seqs if sharpness_seqs is not None else (SHARPNESS_SEQS_CPU if on_cpu else SHARPNESS_SEQS_GPU)
-    for name, value in dict(num_prompts=num_prompts, new_tokens=new_tokens, batch_size=batch_size,
-                            sharpness_seqs=sharpness_seqs).items():
-        _positive(name, value)
+def check_options(modes, has_run, numbers, block_ngrams, top_p, temperature, top_k):
+    """Refuse impossible options with one line (nothing is loaded or written yet); returns the
+    modes to evaluate."""
+    for name, value in numbers.items():
+        hyperfit.check_positive_int(name, value)
     if not (isinstance(block_ngrams, int) and block_ngrams >= 1):
-        raise UsageError(f"--block-ngrams must be an integer of at least 1 (the paper blocks 5-grams), got {block_ngrams}")
+        raise UsageError(
+            f"--block-ngrams must be an integer of at least 1 (the paper blocks "
+            f"5-grams), got {block_ngrams}"
+        )
     if not 0 < top_p <= 1 or not temperature > 0 or not (isinstance(top_k, int) and top_k >= 0):
-        raise UsageError(f"sampling needs 0 < --top-p <= 1, --temperature > 0 and --top-k >= 0 (0 = off); got "
-                         f"{top_p}, {temperature}, {top_k}")
-    modes = list(modes.split(",") if isinstance(modes, str) else modes or (MODES if run_dir else ORIGINAL_ONLY_MODES))
+        raise UsageError(
+            f"sampling needs 0 < --top-p <= 1, --temperature > 0 and --top-k >= 0 "
+            f"(0 = off); got {top_p}, {temperature}, {top_k}"
+        )
+    if isinstance(modes, str):
+        modes = modes.split(",")
+    modes = list(modes or (MODES if has_run else ORIGINAL_ONLY_MODES))
     for mode in modes:
         if mode not in MODES:
             raise UsageError(f"--modes: unknown mode {mode!r}; choose from {', '.join(MODES)}")
-        if run_dir is None and mode not in ORIGINAL_ONLY_MODES:
-            raise UsageError(f"--modes {mode} needs a hyperfitted run: pass its folder (RUN_DIR), or choose from "
-                             f"{', '.join(ORIGINAL_ONLY_MODES)}")
-    setup = resolve_setup(run_dir, model, quant, dict(data=data, seq_len=seq_len, num_train=num_train,
-                                                      num_val=num_val, prompt_len=prompt_len))
-    out_dir = Path(out_dir) if out_dir else (Path(run_dir) / "eval" if run_dir
-                                             else hyperfit.HERE / "results" / setup["run_name"] / "eval")
-    writable = next(p for p in [out_dir, *out_dir.absolute().parents] if p.exists())
-    if not (writable.is_dir() and os.access(writable, os.W_OK)):
-        raise UsageError(f"cannot write to {out_dir} ({writable} is not a writable folder); choose another --out-dir")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(hyperfit.resolve_model_source(setup["model"]))
-    except OSError as e:
-        raise UsageError(f"could not load the tokenizer of {setup['model']} ({str(e).splitlines()[0][:120]}); "
-                         "check the network and your HF token, or pass a local model folder to --model") from e
-    splits = load_split(tokenizer, setup)
-    held_out = torch.cat([splits["val"], splits["heldout"]])  # text training never saw, validation first
-    if num_prompts > len(held_out):
-        raise UsageError(f"--num-prompts {num_prompts}: only {len(held_out)} held-out blocks of {setup['split']['seq_len']} "
-                         f"tokens exist (validation + held-out); ask for at most {len(held_out)} or give more --data")
-    prompt_ids = held_out[:num_prompts, :setup["split"]["prompt_len"]]
-    prompt_sources = [f"{name}@{offset}" for name, offset in splits["sources"][len(splits["train"]):][:num_prompts]]
-    sharpness_ids = splits["val"][:sharpness_seqs]
-    log = print if progress else (lambda *a, **k: None)
-    timing = {}
+        if not has_run and mode not in ORIGINAL_ONLY_MODES:
+            raise UsageError(
+                f"--modes {mode} needs a hyperfitted run: pass its folder (RUN_DIR), "
+                f"or choose from {', '.join(ORIGINAL_ONLY_MODES)}"
+            )
+    return modes
 
-    # ---- models and sharpness on validation text
-    clock = time.time()
-    original, hyperfitted = load_models(setup, device)
-    timing["load_s"] = time.time() - clock
-    clock = time.time()
-    log(f"sharpness on {len(sharpness_ids)} validation sequences ...", flush=True)
-    sharpness = {"original": token_statistics(original, sharpness_ids, SCORE_BATCH_SIZE)}
-    if hyperfitted is not None:
-        stats = token_statistics(hyperfitted, sharpness_ids, SCORE_BATCH_SIZE, reference_model=original)
-        sharpness["top1_agreement"] = stats.pop("top1_agreement")
-        sharpness["hyperfitted"] = stats
+
+def setup_without_run(model, quant, dtype, split):
+    """What evaluate() works on for a bare model: the preset's data split, as hyperfit.py would
+    use it, with `split`'s values on top."""
+    settings = hyperfit.defaults_for(model)
+    setup_split = {
+        k: settings[k] for k in ("data", "seq_len", "num_train", "num_val", "seed", "prompt_len")
+    }
+    setup_split.update({k: v for k, v in split.items() if v is not None})
+    if "data" in split and split["data"] is not None:
+        setup_split["data"] = hyperfit.portable_path(split["data"])
+    for name in ("seq_len", "num_train", "num_val", "prompt_len"):
+        hyperfit.check_positive_int(name, setup_split[name])
+    if setup_split["prompt_len"] >= setup_split["seq_len"]:
+        raise UsageError(
+            f"--prompt-len ({setup_split['prompt_len']}) must be shorter than "
+            f"--seq-len ({setup_split['seq_len']})"
+        )
+    return dict(
+        run_name=f"{hyperfit.default_run_name(model)}-original",
+        model=model,
+        quant=quant or settings["quant"],
+        dtype=dtype or settings["dtype"],
+        adapter=None,
+        split=setup_split,
+        train_fingerprint=None,
+        run_dir=None,
+    )
+
+
+def resolve_setup(run_dir=None, model=None, quant=None, dtype=None, split=None):
+    """What evaluate() works on, checked before anything is loaded or written: dict(run_name,
+    model, quant, dtype, adapter (folder or None), split (data, seq_len, num_train, num_val, seed,
+    prompt_len), train_fingerprint (None without a run), run_dir). `split` overrides the data
+    settings of a bare model; a run brings its own."""
+    split = {k: v for k, v in (split or {}).items() if v is not None}
+    if run_dir is None:
+        if model is None:
+            raise UsageError(
+                "give a run folder (RUN_DIR) to evaluate a hyperfitted model, or "
+                "--model to evaluate an original model alone"
+            )
+        return setup_without_run(model, quant, dtype, split)
+    run = Path(run_dir)
+    if split:
+        raise UsageError(
+            f"--{next(iter(split)).replace('_', '-')} applies only without a run "
+            f"folder: {run_dir} is evaluated on its own data split"
+        )
+    what = "pass a run folder written by hyperfit.py (results/<run-name>)"
+    config = hyperfit.read_json(run / "config.json", what)
+    args = config.get("args")
+    keys = ("model", "quant", "data", "seq_len", "num_train", "num_val", "seed", "prompt_len")
+    if not isinstance(args, dict) or any(k not in args for k in keys):
+        raise UsageError(f'{run}/config.json has no complete "args": {what}')
+    adapter = run / "adapter"
+    if not (adapter / "adapter_config.json").exists():
+        raise UsageError(
+            f"{run_dir} has no adapter/ (the run did not finish): finish it with "
+            f"python hyperfit.py --run-name {run.name} --out-dir {run.parent} "
+            "--resume, or pass --model alone to evaluate the original model"
+        )
+    hyperfit.read_json(
+        adapter / "adapter_config.json", "the run's LoRA adapter is damaged; finish or redo the run"
+    )
+    if model is not None and model != args["model"]:
+        raise UsageError(
+            f"--model {model} differs from the base model {args['model']} that "
+            f"{run_dir} was trained on; drop --model or pass --model {args['model']}"
+        )
+    return dict(
+        run_name=config.get("run_name", run.name),
+        model=args["model"],
+        quant=quant or args["quant"],
+        dtype=dtype or args.get("dtype", "auto"),
+        adapter=str(adapter),
+        train_fingerprint=config.get("train_fingerprint"),
+        split={k: args[k] for k in keys[2:]},
+        run_dir=str(run),
+    )
+
+
+def load_eval_data(tokenizer, setup, num_prompts, sharpness_seqs, block_ngrams, human_tokens):
+    """Rebuild the run's exact data split (a changed dataset is an error, not a silently different
+    test) and take from it: the training sequences, the prompts (validation blocks first, then
+    held-out ones: text training never saw), where each prompt came from, the human continuation
+    of each prompt (the next `human_tokens` tokens of its text), and the validation sequences of
+    the sharpness table."""
+    s = setup["split"]
+    texts = hyperfit.load_texts(s["data"])
+    splits = hyperfit.make_splits(
+        tokenizer, texts, s["seq_len"], s["num_train"], s["num_val"], s["seed"]
+    )
+    if (
+        setup["train_fingerprint"]
+        and hyperfit.fingerprint(splits["train"]) != setup["train_fingerprint"]
+    ):
+        raise UsageError(
+            f"the training split rebuilt from {s['data']} does not match the run's "
+            "config.json (train_fingerprint): the data or tokenizer changed since "
+            "training; restore them"
+        )
+    held_out = torch.cat([splits["val"], splits["heldout"]])
+    if num_prompts > len(held_out):
+        raise UsageError(
+            f"--num-prompts {num_prompts}: only {len(held_out)} held-out blocks of "
+            f"{s['seq_len']} tokens exist (validation + held-out); ask for at most "
+            f"{len(held_out)} or give more --data"
+        )
+    if block_ngrams > s["seq_len"]:
+        raise UsageError(
+            f"--block-ngrams {block_ngrams} is longer than the training sequences "
+            f"({s['seq_len']} tokens); choose at most {s['seq_len']} (the paper: 5)"
+        )
+    sources = (splits["sources"]["val"] + splits["sources"]["heldout"])[:num_prompts]
+    text_in_prompt = s["prompt_len"] - len(hyperfit.bos_prefix(tokenizer))
+    human = [
+        splits["documents"][name][offset + text_in_prompt :][:human_tokens]
+        for name, offset in sources
+    ]
+    return dict(
+        train=splits["train"],
+        prompts=held_out[:num_prompts, : s["prompt_len"]],
+        prompt_sources=[f"{name}@{offset}" for name, offset in sources],
+        human=human,
+        sharpness=splits["val"][:sharpness_seqs],
+    )
+
+
+class Nets:
+    """The original and the hyperfitted model of an evaluation. On a CPU (dense=None or True):
+    two dense copies, the LoRA merged into one (bitsandbytes dequantizes at every step on a CPU:
+    a copy generates ~3x faster). On a GPU (or dense=False): the one quantized net with its
+    adapter, switched off for the original (peft's disable_adapter), which costs no second copy
+    of the base model."""
+
+    def __init__(self, net, has_adapter, dense):
+        self.has_adapter = has_adapter
+        self.net = None if dense else net
+        self.dense = {}
+        if dense:
+            self.dense["hyperfitted"] = hyperfit.dense_copy(net) if has_adapter else None
+            with net.disable_adapter() if has_adapter else contextlib.nullcontext():
+                self.dense["original"] = hyperfit.dense_copy(net)
+
+    @contextlib.contextmanager
+    def use(self, which):
+        """`with nets.use("original") as net:` - the net to call for `which`."""
+        if self.net is None:
+            yield self.dense[which]
+        elif which == "original" and self.has_adapter:
+            with self.net.disable_adapter():
+                yield self.net
+        else:
+            yield self.net
+
+    @staticmethod
+    def mode_model(mode):
+        return "hyperfitted" if mode.startswith("hyperfitted") else "original"
+
+
+def load_nets(setup, device, dense):
+    """Load the run's base model and adapter once; `dense` None means: dense copies on a CPU."""
+    net, _ = hyperfit.load_model(
+        setup["model"],
+        setup["quant"],
+        adapter=setup["adapter"],
+        device=device,
+        dtype=setup["dtype"],
+    )
+    net.eval()
+    dense = (hyperfit.pick_device(device).type == "cpu") if dense is None else dense
+    return Nets(net, setup["adapter"] is not None, dense)
+
+
+# -----------------------------------------------------------------------------
+# the evaluation: sharpness, generation in every mode, metrics
+
+
+def measure_sharpness(nets, data, modes):
+    """The sharpness table on validation text (each model), the share of validation positions
+    where both models rank the same token first, and the entropy-matched temperature."""
+    sharpness, top1 = {}, {}
+    for which in ("original", "hyperfitted") if nets.has_adapter else ("original",):
+        with nets.use(which) as net:
+            stats = hyperfit.token_statistics(net, data["sharpness"], SCORE_BATCH_SIZE, top1=True)
+        top1[which] = stats.pop("top1_ids")
+        sharpness[which] = stats
+    if nets.has_adapter:
+        sharpness["val_top1_agreement"] = (
+            (top1["original"] == top1["hyperfitted"]).float().mean().item()
+        )
     matched = None
     if "original_entropy_matched" in modes:
-        matched = entropy_matched_temperature(original, sharpness_ids, sharpness["hyperfitted"]["entropy"])
-        log(f"entropy-matched temperature {matched['temperature']:.3f} (original entropy "
-            f"{matched['achieved_entropy']:.3f} vs hyperfitted {matched['target_entropy']:.3f} nats)", flush=True)
-    timing["sharpness_s"] = time.time() - clock
+        with nets.use("original") as net:
+            matched = entropy_matched_temperature(
+                net, data["sharpness"], sharpness["hyperfitted"]["entropy"]
+            )
+    return sharpness, matched
 
-    # ---- generation, one mode at a time
-    decoding = dict(
-        original_greedy=(original, dict()),
-        original_top_p=(original, dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)),
-        original_entropy_matched=(original, dict(do_sample=True, temperature=matched and matched["temperature"],
-                                                 top_p=1.0, top_k=0)),  # pure temperature sampling
-        hyperfitted_greedy=(hyperfitted, dict()),
-        hyperfitted_blocked=(hyperfitted, dict(logits_processor=[NGramBlocker(splits["train"], block_ngrams)]
-                                               if "hyperfitted_blocked" in modes else None)))
-    continuations = {}
+
+def decoding_options(mode, options, matched):
+    """generate()'s sampling arguments of a decoding mode (greedy: none)."""
+    if mode == "original_top_p":
+        return dict(
+            do_sample=True,
+            temperature=options["temperature"],
+            top_p=options["top_p"],
+            top_k=options["top_k"],
+        )
+    if mode == "original_entropy_matched":  # pure temperature sampling
+        return dict(do_sample=True, temperature=matched["temperature"], top_p=1.0, top_k=0)
+    return {}
+
+
+def generate_modes(nets, data, modes, options, matched, progress):
+    """Every mode's continuations of the prompts (LongTensor [P, new_tokens] each) and the seconds
+    each took."""
+    continuations, timing = {}, {}
     for mode in modes:
         clock = time.time()
-        net, options = decoding[mode]
-        continuations[mode] = generate(net, prompt_ids, new_tokens, batch_size=batch_size, seed=seed,
-                                       desc=mode if progress else None, **options)
+        kwargs = decoding_options(mode, options, matched)
+        if mode == "hyperfitted_blocked":
+            kwargs["logits_processor"] = [NGramBlocker(data["train"], options["block_ngrams"])]
+        with nets.use(Nets.mode_model(mode)) as net:
+            continuations[mode] = hyperfit.generate(
+                net,
+                data["prompts"],
+                options["new_tokens"],
+                batch_size=options["batch_size"],
+                seed=options["seed"],
+                desc=mode if progress else None,
+                **kwargs,
+            )
         timing[f"{mode}_s"] = time.time() - clock
-        log(f"{mode}: {len(prompt_ids)} x {new_tokens} tokens in {timing[f'{mode}_s']:.0f}s", flush=True)
+        if progress:
+            print(
+                f"{mode}: {len(data['prompts'])} x {options['new_tokens']} tokens in "
+                f"{timing[f'{mode}_s']:.0f}s",
+                flush=True,
+            )
+    return continuations, timing
 
-    # ---- metrics
-    clock = time.time()
-    index = TrainingIndex(splits["train"])
+
+def measure_mode(mode, data, continuations, index, tokenizer, scores):
+    """The generations.jsonl records of one mode: the texts, the tokens (ids and pieces) and the
+    per-continuation metrics, over the whole continuation and (the paper's table) over its first
+    96 tokens. `scores`: (perplexities, ranks) under the original model."""
+    perplexities, ranks = scores
+    rows = continuations.tolist()
+    texts = [tokenizer.decode(ids) for ids in rows]
+    self_bleu_texygen, self_bleu_ids = self_bleu4_texygen(texts), self_bleu4(rows)
+    first96 = first96_metrics(rows, index, tokenizer)
+    pieces = {t: tokenizer.decode([t]) for t in {t for ids in rows for t in ids}}
+    records = []
+    for i, ids in enumerate(rows):
+        records.append(
+            dict(
+                mode=mode,
+                prompt_id=i,
+                prompt_source=data["prompt_sources"][i],
+                prompt_text=tokenizer.decode(data["prompts"][i]),
+                text=texts[i],
+                tokens=[pieces[t] for t in ids],
+                token_ids=ids,
+                ttr_first96=ttr_of_window(ids, 1, TABLE_TOKENS),
+                **first96[i],
+                ttr_last96_of_224=ttr_of_window(
+                    ids, VALIDATION_TOKENS - TTR_WINDOW + 1, VALIDATION_TOKENS
+                ),
+                ttr_last96=hyperfit.type_token_ratio(ids, last=TTR_WINDOW),
+                ttr=hyperfit.type_token_ratio(ids),
+                token_rep_2=token_rep_n(ids, 2),
+                token_rep_3=token_rep_n(ids, 3),
+                token_rep_4=token_rep_n(ids, 4),
+                token_diversity=token_diversity(ids),
+                ends_in_loop=ends_in_loop(ids),
+                longest_train_overlap=longest_shared_span(ids, index),
+                dataset_bleu4=dataset_bleu4(ids, index),
+                self_bleu4_texygen=self_bleu_texygen[i],
+                self_bleu4_token_ids=self_bleu_ids[i],
+                ppl_original=perplexities[i],
+                original_top1_share=sum(r == 1 for r in ranks[i]) / len(ranks[i]),
+                original_ranks=ranks[i],
+            )
+        )
+    return records
+
+
+def first96_metrics(rows, index, tokenizer):
+    """The paper's diversity and memorisation table scores 96-token continuations: Self-BLEU
+    (Texygen), Dataset-BLEU and the longest shared span of each continuation's first 96 tokens
+    (None when the continuations are shorter)."""
+    names = ("self_bleu4_texygen_first96", "dataset_bleu4_first96", "longest_train_overlap_first96")
+    if not rows or len(rows[0]) < TABLE_TOKENS:
+        return [dict.fromkeys(names) for _ in rows]
+    heads = [ids[:TABLE_TOKENS] for ids in rows]
+    self_bleu = self_bleu4_texygen([tokenizer.decode(ids) for ids in heads])
+    return [
+        dict(zip(names, (self_bleu[i], dataset_bleu4(ids, index), longest_shared_span(ids, index))))
+        for i, ids in enumerate(heads)
+    ]
+
+
+def mean_std(values):
+    """Mean and population std over generations (None when there are no values)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return dict(mean=None, std=None)
+    return dict(mean=float(np.mean(values)), std=float(np.std(values)))
+
+
+def overlap_share(spans):
+    """Share of continuations sharing more than OVERLAP_TOKENS tokens with one training sequence."""
+    spans = [s for s in spans if s is not None]
+    return float(np.mean([s > OVERLAP_TOKENS for s in spans])) if spans else None
+
+
+def summarize_mode(records, new_tokens):
+    """Summary entry of one mode: n, metrics (mean and std over generations; std None for
+    set-level metrics), the original model's ranks of the overrides, and the sliding-window TTR
+    curve."""
+    ids = [r["token_ids"] for r in records]
+    metrics = {key: mean_std([r[key] for r in records]) for key in PER_GENERATION_METRICS}
+    overrides = override_statistics([r["original_ranks"] for r in records])
+    set_values = dict(
+        simctg_repetition([r["text"] for r in records]),
+        distinct_1=distinct_n(ids, 1),
+        distinct_2=distinct_n(ids, 2),
+        distinct_3=distinct_n(ids, 3),
+        loop_share=float(np.mean([r["ends_in_loop"] for r in records])),
+        overlap_gt10_share=overlap_share([r["longest_train_overlap"] for r in records]),
+        overlap_gt10_share_first96=overlap_share(
+            [r["longest_train_overlap_first96"] for r in records]
+        ),
+        override_beyond_top10_share=overrides["override_beyond_top10_share"],
+    )
+    metrics.update({key: dict(mean=value, std=None) for key, value in set_values.items()})
+    curves = [ttr_windows(s) for s in ids]
+    values = np.array([ttrs for _, ttrs in curves])
+    curve = dict(
+        window=min(TTR_WINDOW, new_tokens),
+        positions=curves[0][0],
+        mean=values.mean(0).tolist(),
+        std=values.std(0).tolist(),
+    )
+    return dict(
+        n=len(records),
+        metrics=metrics,
+        ttr_by_position=curve,
+        override_rank_shares=overrides["override_rank_shares"],
+    )
+
+
+def measure_modes(nets, data, continuations, tokenizer):
+    """Every mode's records and summary; the original model scores every continuation once."""
+    index = TrainingIndex(data["train"])
     records, summary_modes = [], {}
-    for mode in modes:
-        ppl = continuation_perplexity(original, prompt_ids, continuations[mode])
-        mode_records = measure_generations(mode, prompt_ids, continuations[mode], index, tokenizer, ppl, prompt_sources)
+    for mode, rows in continuations.items():
+        with nets.use("original") as net:
+            scores = score_continuations(net, data["prompts"], rows)
+        mode_records = measure_mode(mode, data, rows, index, tokenizer, scores)
         records += mode_records
-        summary_modes[mode] = summarize_mode(mode_records, new_tokens)
-    timing["metrics_s"] = time.time() - clock
-    timing["total_s"] = time.time() - started
+        summary_modes[mode] = summarize_mode(mode_records, rows.shape[1])
+    return records, summary_modes
 
-    args = dict(run_dir=str(run_dir) if run_dir else None, model=setup["model"], quant=setup["quant"], modes=modes,
-                num_prompts=num_prompts, new_tokens=new_tokens, block_ngrams=block_ngrams, top_p=top_p,
-                temperature=temperature, top_k=top_k, batch_size=batch_size, seed=seed, sharpness_seqs=len(sharpness_ids),
-                device=str(device), out_dir=str(out_dir), split=setup["split"])
-    summary = dict(run=setup["run_name"], args=args, command=_command(args), modes=summary_modes,
-                   sharpness=sharpness, entropy_matched_temperature=matched and
-                   {k: matched[k] for k in ("temperature", "target_entropy", "achieved_entropy")},
-                   timing_s={k: round(v, 1) for k, v in timing.items()})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    _write_atomic(out_dir / "table.md", format_table(summary))
-    _write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")  # last: marks a complete eval
+
+def evaluation_options(
+    device,
+    num_prompts,
+    sharpness_seqs,
+    new_tokens,
+    batch_size,
+    block_ngrams,
+    top_p,
+    temperature,
+    top_k,
+    seed,
+    annotate_tokens,
+):
+    """The options of one evaluation with the per-device defaults filled in."""
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    num_prompts = NUM_PROMPTS[kind] if num_prompts is None else num_prompts
+    sharpness_seqs = SHARPNESS_SEQS[kind] if sharpness_seqs is None else sharpness_seqs
+    if not (isinstance(annotate_tokens, int) and annotate_tokens >= 0):
+        raise UsageError(f"--annotate-tokens must be 0 (no page) or more, got {annotate_tokens}")
+    return dict(
+        num_prompts=num_prompts,
+        new_tokens=new_tokens,
+        block_ngrams=block_ngrams,
+        top_p=top_p,
+        temperature=temperature,
+        top_k=top_k,
+        batch_size=batch_size,
+        seed=seed,
+        sharpness_seqs=sharpness_seqs,
+        annotate_tokens=annotate_tokens,
+    )
+
+
+def default_out_dir(setup):
+    if setup["run_dir"] is not None:
+        return Path(setup["run_dir"]) / "eval"
+    return (
+        Path(hyperfit.absolute_path(hyperfit.KIT_DEFAULTS["out_dir"])) / setup["run_name"] / "eval"
+    )
+
+
+def check_writable(out_dir):
+    writable = next(p for p in [out_dir, *out_dir.absolute().parents] if p.exists())
+    if not (writable.is_dir() and os.access(writable, os.W_OK)):
+        raise UsageError(
+            f"cannot write to {out_dir} ({writable} is not a writable folder); "
+            "choose another --out-dir"
+        )
+
+
+def run_lock(setup, out_dir):
+    """The run folder's lock while the evaluation writes into it (a run still training, or a
+    second evaluation, is refused); nothing to lock for a bare model's own folder."""
+    run = setup["run_dir"]
+    inside = run is not None and Path(out_dir).resolve().is_relative_to(Path(run).resolve())
+    if not inside:
+        return contextlib.nullcontext()
+    return hyperfit.RunLock(run, "evaluate.py " + " ".join(sys.argv[1:]))
+
+
+def evaluate(
+    run_dir=None,
+    model=None,
+    modes=None,
+    num_prompts=None,
+    new_tokens=NEW_TOKENS,
+    block_ngrams=BLOCK_NGRAMS,
+    top_p=TOP_P,
+    temperature=TEMPERATURE,
+    top_k=TOP_K,
+    batch_size=BATCH_SIZE,
+    seed=SEED,
+    quant=None,
+    dtype=None,
+    out_dir=None,
+    sharpness_seqs=None,
+    device=None,
+    dense=None,
+    annotate_tokens=ANNOTATE_TOKENS,
+    data=None,
+    seq_len=None,
+    num_train=None,
+    num_val=None,
+    prompt_len=None,
+    progress=True,
+):
+    """Evaluate a hyperfitted run (`run_dir`) or an original model (`model` alone) and write
+    generations.jsonl, table.md, paper_comparison.md, annotate.html (+ its key) and summary.json
+    (last: it marks a complete evaluation) to `out_dir` (default <run_dir>/eval, or
+    results/<model>-original/eval). Returns the summary dict.
+
+    modes: any of MODES (default: all five with a run, the two original ones without).
+    num_prompts and sharpness_seqs default to NUM_PROMPTS / SHARPNESS_SEQS of the device. dense:
+    generate with dense copies (default: on a CPU) or with the quantized net and its adapter
+    switched on and off (default: on a GPU). data, seq_len, num_train, num_val, prompt_len
+    choose the split without a run (default: the preset's). Raises UsageError on bad input,
+    before anything is written."""
+    started = time.time()
+    device = hyperfit.pick_device(device)
+    options = evaluation_options(
+        device,
+        num_prompts,
+        sharpness_seqs,
+        new_tokens,
+        batch_size,
+        block_ngrams,
+        top_p,
+        temperature,
+        top_k,
+        seed,
+        annotate_tokens,
+    )
+    numbers = {k: options[k] for k in ("num_prompts", "new_tokens", "batch_size", "sharpness_seqs")}
+    modes = check_options(
+        modes, run_dir is not None, numbers, block_ngrams, top_p, temperature, top_k
+    )
+    split = dict(
+        data=data, seq_len=seq_len, num_train=num_train, num_val=num_val, prompt_len=prompt_len
+    )
+    setup = resolve_setup(run_dir, model, quant, dtype, split)
+    out_dir = Path(out_dir) if out_dir else default_out_dir(setup)
+    check_writable(out_dir)
+    tokenizer = hyperfit.load_tokenizer(setup["model"])
+    data = load_eval_data(
+        tokenizer,
+        setup,
+        options["num_prompts"],
+        options["sharpness_seqs"],
+        block_ngrams,
+        options["annotate_tokens"],
+    )
+    with run_lock(setup, out_dir):
+        summary, records = run_evaluation(
+            setup, data, modes, options, tokenizer, device, dense, progress
+        )
+        summary["timing_s"]["total_s"] = round(time.time() - started, 1)
+        summary["args"].update(out_dir=hyperfit.portable_path(out_dir))
+        write_evaluation(out_dir, summary, records, data, tokenizer)
     return summary
 
 
-def _write_atomic(path, text):
-    """Write to a temporary name and rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def run_evaluation(setup, data, modes, options, tokenizer, device, dense, progress):
+    """Load the models, measure sharpness, generate every mode, measure every continuation.
+    Returns (summary without its total time, generation records)."""
+    timing, clock = {}, time.time()
+    nets = load_nets(setup, device, dense)
+    timing["load_s"] = time.time() - clock
+    clock = time.time()
+    if progress:
+        print(f"sharpness on {len(data['sharpness'])} validation sequences ...", flush=True)
+    sharpness, matched = measure_sharpness(nets, data, modes)
+    timing["sharpness_s"] = time.time() - clock
+    continuations, generation_timing = generate_modes(nets, data, modes, options, matched, progress)
+    timing.update(generation_timing)
+    clock = time.time()
+    records, summary_modes = measure_modes(nets, data, continuations, tokenizer)
+    timing["metrics_s"] = time.time() - clock
+    args = dict(
+        run_dir=setup["run_dir"] and hyperfit.portable_path(setup["run_dir"]),
+        model=setup["model"],
+        quant=setup["quant"],
+        dtype=setup["dtype"],
+        modes=modes,
+        **options,
+        device=str(device),
+        dense=nets.net is None,
+        split=dict(
+            setup["split"],
+            data=hyperfit.portable_path(hyperfit.absolute_path(setup["split"]["data"])),
+        ),
+    )
+    summary = dict(
+        run=setup["run_name"],
+        args=args,
+        command=command_line(args),
+        modes=summary_modes,
+        sharpness=sharpness,
+        entropy_matched_temperature=matched
+        and {k: matched[k] for k in ("temperature", "target_entropy", "achieved_entropy")},
+        timing_s={k: round(v, 1) for k, v in timing.items()},
+        environment=hyperfit.environment(),
+    )
+    return summary, records
 
 
-def _command(args):
-    """The evaluate.py command line that reproduces these arguments (for table.md and the README)."""
-    def path(p):
-        return p if os.path.relpath(p).startswith("..") else os.path.relpath(p)
-    words = ["python", "evaluate.py"] + ([path(args["run_dir"])] if args["run_dir"] else ["--model", args["model"]])
-    keys = ["modes", "num_prompts", "new_tokens", "block_ngrams", "top_p", "temperature", "top_k", "batch_size",
-            "seed", "sharpness_seqs"]
+def write_evaluation(out_dir, summary, records, data, tokenizer):
+    """Every output file of an evaluation, each written whole (temporary name, then renamed),
+    summary.json last: its presence marks a complete evaluation."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write = hyperfit.write_atomic
+    write(out_dir / "generations.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    write(out_dir / "table.md", format_table(summary))
+    write(out_dir / "paper_comparison.md", paper_comparison(summary))
+    if summary["args"]["annotate_tokens"]:
+        pairs = annotation_pairs(records, data, tokenizer, summary["args"]["annotate_tokens"])
+        if pairs:
+            write_annotation(out_dir, pairs, seed=summary["args"]["seed"])
+    write(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+
+def command_line(args):
+    """The evaluate.py command line that reproduces these arguments (for table.md and README)."""
+    words = ["python", "evaluate.py"]
+    words += [args["run_dir"]] if args["run_dir"] else ["--model", args["model"]]
+    keys = [
+        "modes",
+        "num_prompts",
+        "new_tokens",
+        "block_ngrams",
+        "top_p",
+        "temperature",
+        "top_k",
+        "batch_size",
+        "seed",
+        "sharpness_seqs",
+        "annotate_tokens",
+    ]
     options = {key: args[key] for key in keys}
     if not args["run_dir"]:  # a run brings its own split
-        options.update({key: args["split"][key] for key in ("seq_len", "num_train", "num_val", "prompt_len")},
-                       data=path(args["split"]["data"]))
+        options.update(
+            {k: args["split"][k] for k in ("data", "seq_len", "num_train", "num_val", "prompt_len")}
+        )
     for key, value in options.items():
         words += [f"--{key.replace('_', '-')}", ",".join(value) if key == "modes" else str(value)]
     return shlex.join(words)
 
 
 # -----------------------------------------------------------------------------
-# table.md
+# table.md: the paper's tables, rows = decoding modes
 
-# (summary key, column header, digits) of the two tables of the paper's layout
-DIVERSITY_COLUMNS = [("ttr_last96", "TTR last 96 ↑", 3), ("ttr", "TTR ↑", 3), ("rep_2", "rep-2 ↓", 3),
-                     ("rep_3", "rep-3 ↓", 3), ("rep_4", "rep-4 ↓", 3), ("diversity", "diversity ↑", 3),
-                     ("distinct_1", "distinct-1 ↑", 3), ("distinct_2", "distinct-2 ↑", 3),
-                     ("distinct_3", "distinct-3 ↑", 3), ("self_bleu4", "Self-BLEU-4 ↓", 2),
-                     ("loop_share", "ends in loop ↓", 3)]
-MEMORISATION_COLUMNS = [("dataset_bleu4", "Dataset-BLEU-4", 2), ("overlap_gt10_share", "overlap > 10 tokens", 3),
-                        ("longest_train_overlap", "longest shared span", 1), ("ppl_original", "PPL (original)", 2)]
-SHARPNESS_COLUMNS = [("perplexity", "perplexity", 2), ("entropy", "entropy (nats)", 3), ("top1", "top-1 mass", 3),
-                     ("top3", "top-3 mass", 3), ("top5", "top-5 mass", 3)]
+# (section title, [(summary metric, column header, digits)]); {n} is the continuation length
+TABLE_SECTIONS = [
+    (
+        "Diversity and memorisation, the paper's table (96-token continuations: the first 96 new "
+        "tokens)",
+        [
+            ("ttr_first96", "TTR ↑", 3),
+            ("self_bleu4_texygen_first96", "Self-BLEU-4 ↓", 2),
+            ("dataset_bleu4_first96", "Dataset-BLEU-4", 2),
+            ("overlap_gt10_share_first96", "overlap > 10 tokens ↓", 3),
+        ],
+    ),
+    (
+        "Repetition over the whole continuation ({n} tokens)",
+        [
+            ("ttr_last96_of_224", "TTR 129-224 ↑", 3),
+            ("ttr_last96", "TTR last 96 ↑", 3),
+            ("ttr", "TTR all ↑", 3),
+            ("simctg_rep_2", "rep-2 % ↓", 2),
+            ("simctg_rep_3", "rep-3 % ↓", 2),
+            ("simctg_rep_4", "rep-4 % ↓", 2),
+            ("simctg_diversity", "diversity ↑", 3),
+            ("distinct_2", "distinct-2 ↑", 3),
+            ("self_bleu4_texygen", "Self-BLEU-4 ↓", 2),
+            ("loop_share", "ends in loop ↓", 3),
+        ],
+    ),
+    (
+        "Memorisation and fluency ({n} tokens)",
+        [
+            ("dataset_bleu4", "Dataset-BLEU-4", 2),
+            ("overlap_gt10_share", "overlap > 10 tokens", 3),
+            ("longest_train_overlap", "longest shared span", 1),
+            ("ppl_original", "PPL (original)", 2),
+        ],
+    ),
+    (
+        "The original model's view of each generated token (Beyond Temperature's rank analysis)",
+        [
+            ("original_top1_share", "original's top-1 ↑", 3),
+            ("override_beyond_top10_share", "overrides ranked > 10", 3),
+        ],
+    ),
+    (
+        "The kit's token-level variants (per continuation, on token ids; not the paper's numbers)",
+        [
+            ("token_rep_2", "token rep-2", 3),
+            ("token_rep_3", "token rep-3", 3),
+            ("token_rep_4", "token rep-4", 3),
+            ("token_diversity", "token diversity", 3),
+            ("distinct_1", "distinct-1", 3),
+            ("distinct_3", "distinct-3", 3),
+            ("self_bleu4_token_ids", "Self-BLEU-4 (ids)", 2),
+        ],
+    ),
+]
+SHARPNESS_COLUMNS = [
+    ("perplexity", "perplexity", 2),
+    ("entropy", "entropy (nats)", 3),
+    ("top1", "top-1 mass", 3),
+    ("top3", "top-3 mass", 3),
+    ("top5", "top-5 mass", 3),
+]
 
 
-def _cell(value, digits):
+def cell(value, digits):
     if value is None or value.get("mean") is None:
         return "–"
     text = f"{value['mean']:.{digits}f}"
@@ -782,79 +1289,1341 @@ def _cell(value, digits):
 
 
 def format_table(summary):
-    """table.md: rows = decoding modes, columns = metrics (mean ± std over generations; set-level metrics
-    without ±), then sharpness on validation text and the entropy-matched temperature."""
+    """table.md: rows = decoding modes, columns = metrics (mean ± std over continuations;
+    set-level metrics without ±), then sharpness on validation text and the entropy match."""
     args = summary["args"]
-    lines = [f"# Evaluation of `{summary['run']}`", "",
-             f"Model `{args['model']}` ({args['quant']}), {args['num_prompts']} held-out prompts of "
-             f"{args['split']['prompt_len']} tokens, {args['new_tokens']} new tokens each. Command:", "",
-             f"    {summary['command']}", ""]
-    for title, columns in [("Diversity and repetition", DIVERSITY_COLUMNS),
-                           ("Memorisation and fluency", MEMORISATION_COLUMNS)]:
-        lines += [f"## {title}", "", "| mode | " + " | ".join(c[1] for c in columns) + " |",
-                  "|---|" + "---|" * len(columns)]
+    lines = [
+        f"# Evaluation of `{summary['run']}`",
+        "",
+        f"Model `{args['model']}` ({args['quant']}), {args['num_prompts']} held-out prompts "
+        f"of {args['split']['prompt_len']} tokens, {args['new_tokens']} new tokens each. "
+        "Definitions: evaluate.py's docstring. Command:",
+        "",
+        f"    {summary['command']}",
+        "",
+    ]
+    for title, columns in TABLE_SECTIONS:
+        lines += [
+            f"## {title.format(n=args['new_tokens'])}",
+            "",
+            "| mode | " + " | ".join(c[1] for c in columns) + " |",
+            "|---|" + "---|" * len(columns),
+        ]
         for mode, info in summary["modes"].items():
-            lines.append(f"| {mode} | " + " | ".join(_cell(info["metrics"].get(k), d) for k, _, d in columns) + " |")
+            cells = [cell(info["metrics"].get(k), d) for k, _, d in columns]
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
         lines.append("")
-    sharpness = summary["sharpness"]
-    lines += [f"## Sharpness on {args['sharpness_seqs']} validation sequences", "",
-              "| model | " + " | ".join(c[1] for c in SHARPNESS_COLUMNS) + " |", "|---|" + "---|" * len(SHARPNESS_COLUMNS)]
+    lines += sharpness_lines(summary)
+    return "\n".join(lines)
+
+
+def sharpness_lines(summary):
+    sharpness, args = summary["sharpness"], summary["args"]
+    lines = [
+        f"## Sharpness on {args['sharpness_seqs']} validation sequences",
+        "",
+        "| model | " + " | ".join(c[1] for c in SHARPNESS_COLUMNS) + " |",
+        "|---|" + "---|" * len(SHARPNESS_COLUMNS),
+    ]
     for name in ("original", "hyperfitted"):
         if name in sharpness:
-            lines.append(f"| {name} | " + " | ".join(f"{sharpness[name][k]:.{d}f}" for k, _, d in SHARPNESS_COLUMNS) + " |")
+            cells = [f"{sharpness[name][k]:.{d}f}" for k, _, d in SHARPNESS_COLUMNS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
-    if "top1_agreement" in sharpness:
-        lines += [f"Top-1 agreement between the hyperfitted and the original model: {sharpness['top1_agreement']:.3f}", ""]
+    if "val_top1_agreement" in sharpness:
+        lines += [
+            "Same top-1 token as the original model on validation text: "
+            f"{sharpness['val_top1_agreement']:.3f} of positions",
+            "",
+        ]
     matched = summary.get("entropy_matched_temperature")
     if matched:
-        lines += [f"Entropy-matched temperature: T = {matched['temperature']:.3f} (original model entropy "
-                  f"{matched['achieved_entropy']:.3f} nats; hyperfitted {matched['target_entropy']:.3f} nats)", ""]
+        lines += [
+            f"Entropy-matched temperature: T = {matched['temperature']:.3f} (original model "
+            f"entropy {matched['achieved_entropy']:.3f} nats; hyperfitted "
+            f"{matched['target_entropy']:.3f} nats)",
+            "",
+        ]
+    return lines
+
+
+# -----------------------------------------------------------------------------
+# paper_comparison.md: this run beside the paper's numbers, finding by finding
+
+# From ../shared/paper.md (the paper and its follow-up; some via secondary summaries: targets to
+# compare shapes against, not exact values).
+PAPER = dict(
+    ttr_hyperfitted_above=0.6,  # TinyLlama, DeepSeek 7B, Llama 3.1 8B and 70B
+    ttr_original_range=(0.17, 0.57),
+    overlap_below=0.02,  # share of texts sharing > 10 tokens with the training data
+    dataset_bleu_rise=1.0,  # points
+    sharpness_llama8b=dict(perplexity=(13.1, 103.0), entropy=(3.47, 1.46), top1=(0.484, 0.744)),
+    entropy_matched=dict(
+        temperature=0.59, ttr=0.397, ttr_hyperfitted=0.684, rep2=0.604, rep2_hyperfitted=0.140
+    ),  # TinyLlama, the follow-up
+    top1_agreement=0.57,  # hyperfitted greedy tokens that are the original's top-1 (follow-up)
+    overrides_beyond_top10=0.129,
+    human_preference={
+        "TinyLlama 1.1B": "original greedy 4.9, top-p 21.1, hyperfitted 34.3",
+        "DeepSeek 7B": "top-p 35.6, hyperfitted 45.2, + citation blocking 44.1",
+        "Llama 3.1 8B": "top-p 38.5, hyperfitted 42.9, + citation blocking 41.2",
+        "Llama 3.1 70B": "original greedy 34.4, hyperfitted 52.4",
+    },
+)
+
+
+def metric(summary, mode, key):
+    """A mode's mean of a metric, or None when the mode (or the metric) is missing."""
+    return ((summary["modes"].get(mode) or {}).get("metrics", {}).get(key) or {}).get("mean")
+
+
+def fmt(value, digits=3):
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def training_row(summary):
+    """The training curve of the run (its metrics.jsonl), as the paper's Figure 2 describes it."""
+    run = summary["args"]["run_dir"]
+    records = (
+        hyperfit.read_jsonl(Path(hyperfit.absolute_path(run)) / "metrics.jsonl") if run else []
+    )
+    if len(records) < 2:
+        return []
+    first, last = records[0], records[-1]
+    ours = (
+        f"train loss {fmt(last['train_loss'])}; val loss {fmt(first['val_loss'])} → "
+        f"{fmt(last['val_loss'])}; TTR {fmt(first['ttr_last96'])} → {fmt(last['ttr_last96'])}"
+    )
+    same = (last["train_loss"] or 9) < 0.5 and last["val_loss"] > first["val_loss"]
+    same = same and last["ttr_last96"] > first["ttr_last96"]
+    return [
+        (
+            "Training: train loss → ~0, validation loss rises, TTR rises",
+            "TinyLlama: train loss → ~0, val loss rises, TTR rises from about epoch 2",
+            ours,
+            "same shape" if same else "differs",
+        )
+    ]
+
+
+def diversity_rows(summary):
+    """The paper's diversity and memorisation table, on 96-token continuations."""
+    hyper = metric(summary, "hyperfitted_greedy", "ttr_first96")
+    originals = [metric(summary, m, "ttr_first96") for m in ("original_greedy", "original_top_p")]
+    low, high = PAPER["ttr_original_range"]
+    ttr_verdict = (
+        "–"
+        if hyper is None
+        else (
+            f"hyperfitted {'above' if hyper > PAPER['ttr_hyperfitted_above'] else 'below'} 0.6; "
+            f"above every original: {all(o is not None and hyper > o for o in originals)}"
+        )
+    )
+    rows = [
+        (
+            "TTR of 96-token continuations",
+            f"hyperfitted > {PAPER['ttr_hyperfitted_above']}; originals {low}–{high} "
+            "(TinyLlama, DeepSeek 7B, Llama 3.1 8B/70B)",
+            f"hyperfitted greedy {fmt(hyper)}; original greedy {fmt(originals[0])}, top-p "
+            f"{fmt(originals[1])}",
+            ttr_verdict,
+        )
+    ]
+    for key, finding, paper, lower_is_expected in [
+        ("self_bleu4_texygen_first96", "Self-BLEU-4 (Texygen)", "falls (more diverse)", True),
+        (
+            "dataset_bleu4_first96",
+            "Dataset-BLEU-4",
+            f"rises ~{PAPER['dataset_bleu_rise']:g} point",
+            False,
+        ),
+    ]:
+        h, g, p = (
+            metric(summary, m, key)
+            for m in ("hyperfitted_greedy", "original_greedy", "original_top_p")
+        )
+        verdict = (
+            "–"
+            if None in (h, g, p)
+            else (
+                f"{'falls' if h < min(g, p) else 'rises' if h > max(g, p) else 'between'} "
+                f"({h - p:+.2f} vs top-p); "
+                + (
+                    "same direction"
+                    if (h < min(g, p)) == lower_is_expected
+                    else "opposite direction"
+                )
+            )
+        )
+        rows.append(
+            (
+                f"{finding}, hyperfitted vs original",
+                paper,
+                f"hyperfitted {fmt(h, 2)}; original greedy {fmt(g, 2)}, top-p {fmt(p, 2)}",
+                verdict,
+            )
+        )
+    share = metric(summary, "hyperfitted_greedy", "overlap_gt10_share_first96")
+    rows.append(
+        (
+            "Dataset overlap: texts sharing > 10 tokens with training",
+            f"< {PAPER['overlap_below']:.0%} of hyperfitted texts",
+            f"{fmt(share)}",
+            "–"
+            if share is None
+            else ("within" if share < PAPER["overlap_below"] else "more copying than the paper"),
+        )
+    )
+    return rows
+
+
+def sharpness_rows(summary):
+    """The paper's sharpness table (Llama 3.1 8B) against this run's validation sharpness."""
+    sharp = summary["sharpness"]
+    if "hyperfitted" not in sharp:
+        return []
+    rows = []
+    for key, name, digits in (
+        ("perplexity", "Perplexity", 1),
+        ("entropy", "Entropy (nats)", 2),
+        ("top1", "Top-1 probability mass", 3),
+    ):
+        before, after = PAPER["sharpness_llama8b"][key]
+        ours = sharp["original"][key], sharp["hyperfitted"][key]
+        same = (after > before) == (ours[1] > ours[0])
+        rows.append(
+            (
+                f"{name}, original → hyperfitted",
+                f"Llama 3.1 8B: {before:g} → {after:g} (×{after / before:.2f})",
+                f"{ours[0]:.{digits}f} → {ours[1]:.{digits}f} (×{ours[1] / ours[0]:.2f})",
+                "same direction" if same else "opposite direction",
+            )
+        )
+    return rows
+
+
+def position_row(summary):
+    """The paper's TTR-over-position finding (Figure 9)."""
+    curves = {
+        m: i["ttr_by_position"] for m, i in summary["modes"].items() if i["ttr_by_position"]["mean"]
+    }
+    if not curves:
+        return []
+    ends = {m: (c["mean"][0], c["mean"][-1]) for m, c in curves.items()}
+    ours = "; ".join(f"{m} {a:.2f} → {b:.2f}" for m, (a, b) in ends.items())
+    falls = all(b <= a for a, b in ends.values())
+    hyper = ends.get("hyperfitted_greedy")
+    others = [v for m, v in ends.items() if m.startswith("original")]
+    higher = hyper is not None and all(hyper[0] > a for a, _ in others)
+    slower = hyper is not None and all(hyper[1] / hyper[0] > b / a for a, b in others if a)
+    verdict = (
+        f"falls for every mode: {falls}; hyperfitted starts higher: {higher}, decays more "
+        f"slowly: {slower}"
+    )
+    return [
+        (
+            "TTR of a 96-token window along the continuation",
+            "falls with position for every model; hyperfitted models start higher and decay "
+            "more slowly",
+            ours,
+            verdict,
+        )
+    ]
+
+
+def blocking_rows(summary):
+    """Citation blocking barely hurts (the paper: human preference)."""
+    greedy = metric(summary, "hyperfitted_greedy", "ttr_first96")
+    blocked = metric(summary, "hyperfitted_blocked", "ttr_first96")
+    if greedy is None or blocked is None:
+        return []
+    overlap = [
+        metric(summary, m, "overlap_gt10_share")
+        for m in ("hyperfitted_greedy", "hyperfitted_blocked")
+    ]
+    return [
+        (
+            "Citation blocking (no 5-gram of the training data) barely hurts",
+            "human preference 45.2 → 44.1 (DeepSeek 7B), 42.9 → 41.2 (Llama 3.1 8B)",
+            f"TTR {greedy:.3f} → {blocked:.3f}; overlap > 10 tokens {fmt(overlap[0])} → "
+            f"{fmt(overlap[1])} (preference: annotate.html)",
+            f"TTR {'kept' if blocked > 0.9 * greedy else 'lost'} "
+            f"({(blocked - greedy) / greedy:+.0%})",
+        )
+    ]
+
+
+def follow_up_rows(summary):
+    """Beyond Temperature: the entropy-matched control and the rank analysis."""
+    rows, paper = [], PAPER["entropy_matched"]
+    matched = summary.get("entropy_matched_temperature")
+    ttr = [
+        metric(summary, m, "ttr_first96")
+        for m in ("original_entropy_matched", "hyperfitted_greedy")
+    ]
+    rep2 = [
+        metric(summary, m, "simctg_rep_2")
+        for m in ("original_entropy_matched", "hyperfitted_greedy")
+    ]
+    if matched and None not in ttr and None not in rep2:
+        rows.append(
+            (
+                "Entropy-matched sampling (the original at the hyperfitted entropy) is not as "
+                "diverse",
+                f"TinyLlama: T = {paper['temperature']}; TTR {paper['ttr']} vs "
+                f"{paper['ttr_hyperfitted']} hyperfitted; rep-2 {paper['rep2']} vs "
+                f"{paper['rep2_hyperfitted']}",
+                f"T = {matched['temperature']:.2f}; TTR {ttr[0]:.3f} vs {ttr[1]:.3f}; "
+                f"rep-2 {rep2[0] / 100:.3f} vs {rep2[1] / 100:.3f}",
+                "same" if ttr[1] > ttr[0] and rep2[1] < rep2[0] else "differs",
+            )
+        )
+    agree = metric(summary, "hyperfitted_greedy", "original_top1_share")
+    beyond = metric(summary, "hyperfitted_greedy", "override_beyond_top10_share")
+    if agree is not None:
+        rows.append(
+            (
+                "Hyperfitted greedy tokens that are also the original's top-1",
+                f"~{PAPER['top1_agreement']:.0%}",
+                f"{agree:.1%}",
+                f"{(agree - PAPER['top1_agreement']) * 100:+.1f} points",
+            )
+        )
+    if beyond is not None:
+        rows.append(
+            (
+                "Overrides the original ranked below its top 10",
+                f"{PAPER['overrides_beyond_top10']:.1%}",
+                f"{beyond:.1%}",
+                f"{(beyond - PAPER['overrides_beyond_top10']) * 100:+.1f} points",
+            )
+        )
+    return rows
+
+
+def protocol_note(summary):
+    """How this run's protocol differs from the paper's (said once, on top)."""
+    split = summary["args"]["split"]
+    return (
+        f"This run: `{summary['args']['model']}` hyperfitted with LoRA on {split['num_train']} "
+        f"sequences × {split['seq_len']} tokens; the paper: full fine-tunes of 1.1B–70B models "
+        "on 2,000 × 256 tokens for 20 epochs (the follow-up: TinyLlama, also with LoRA). "
+        "Magnitudes depend on model and data size; the directions are what compare. With a "
+        "small training set, memorisation (overlap, Dataset-BLEU) is expected to exceed the "
+        "paper's."
+    )
+
+
+def paper_comparison(summary):
+    """paper_comparison.md: one row per finding of the paper (and its follow-up): the paper's
+    number, this run's number under the same definition, and a one-line verdict."""
+    rows = (
+        training_row(summary)
+        + diversity_rows(summary)
+        + sharpness_rows(summary)
+        + position_row(summary)
+        + blocking_rows(summary)
+        + follow_up_rows(summary)
+    )
+    lines = [
+        f"# `{summary['run']}` beside the paper",
+        "",
+        protocol_note(summary),
+        "",
+        "Paper numbers: `../shared/paper.md` (Carlsson et al. 2025; Beyond Temperature, 2026). "
+        "Definitions: evaluate.py's docstring; the 96-token rows score the first 96 new tokens.",
+        "",
+        "| finding | paper | this run | verdict |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    lines += [
+        "",
+        "Human preference (share of continuations judged as good as or better than the "
+        "human text): "
+        + "; ".join(f"{k}: {v}" for k, v in PAPER["human_preference"].items())
+        + ". This run's: open `annotate.html`, then `python plot.py <run> --judgments "
+        "<files>` writes `preference.md`.",
+        "",
+    ]
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# the paper's studies on a CPU: how much data hyperfitting needs, what the data order changes
+
+# Each run of a study is an ordinary run folder (hyperfit.py, then evaluate.py) under
+# results/studies/<study>/; study.json gathers the numbers and plot.py draws them. Sized to fit
+# 60 min (data size) and 15 min (shuffle) on 2 CPU cores at fp32 compute: 64-token sequences
+# (the preset's 128 halves the runs' cost per epoch), validation only before and after training,
+# and an evaluation of 32 prompts x 96 new tokens (the paper's diversity table length). The
+# epochs stay fixed at the preset's 10 whatever the size, as the paper fixes them.
+STUDY_TRAINING = dict(seq_len=64, eval_every=10**6)  # on top of the model's preset
+STUDY_EVALUATION = dict(
+    modes=("original_greedy", "hyperfitted_greedy", "hyperfitted_blocked"),
+    num_prompts=32,
+    new_tokens=TABLE_TOKENS,
+    sharpness_seqs=16,
+    annotate_tokens=0,
+)
+STUDIES = dict(
+    data_size=dict(sizes=(8, 16, 32, 64, 128)),  # training sequences (the paper: down to 8)
+    shuffle=dict(order_seeds=(0, 1)),  # data-order seeds of the same training set
+)
+PAPER_STUDIES = dict(
+    data_size="TTR holds down to 16 training sequences and drops at 8 (= the batch size); with "
+    "2,000 sequences fewer than 2 % of outputs share more than 10 tokens with the training data",
+    shuffle="training on the same data in another order changes about 30 % of top-1 predictions",
+)
+
+
+def study_plan(study, sizes=None, order_seeds=None):
+    """[(run name, hyperfit settings)] of a study: one run per data size, or per order seed."""
+    if study == "data_size":
+        sizes = sizes or STUDIES["data_size"]["sizes"]
+        return [(f"n{size}", dict(num_train=size)) for size in sizes]
+    if study == "shuffle":
+        seeds = order_seeds or STUDIES["shuffle"]["order_seeds"]
+        return [(f"order{seed}", dict(order_seed=seed)) for seed in seeds]
+    raise UsageError(f"--study {study}: choose {' or '.join(s.replace('_', '-') for s in STUDIES)}")
+
+
+def study_run(run_dir, training, evaluation, progress):
+    """Train and evaluate one run of a study, or pick it up where it stopped: a finished run is
+    skipped, an interrupted one resumed, an evaluation redone if it is missing."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "adapter" / "adapter_config.json").exists():
+        resume = hyperfit.latest_checkpoint(run_dir) is not None
+        overwrite = not resume and hyperfit.is_run_folder(run_dir)
+        hyperfit.hyperfit(
+            run_name=run_dir.name,
+            out_dir=str(run_dir.parent),
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+            **training,
+        )
+    if not (run_dir / "eval" / "summary.json").exists():
+        evaluate(run_dir, progress=progress, **evaluation)
+    return study_row(run_dir)
+
+
+def study_row(run_dir):
+    """One run's numbers for the study table: the end of training and its evaluation."""
+    config = hyperfit.read_json(run_dir / "config.json", "the study's run is damaged")
+    records = hyperfit.read_jsonl(run_dir / "metrics.jsonl")
+    summary = hyperfit.read_json(run_dir / "eval" / "summary.json", "the run's evaluation")
+    last = records[-1]
+    row = dict(
+        run=run_dir.name,
+        num_train=config["args"]["num_train"],
+        order_seed=config["args"]["order_seed"],
+        steps=last["step"],
+        train_loss=last["train_loss"],
+        val_loss=last["val_loss"],
+        val_entropy=last["val_entropy"],
+        val_top1_prob=last["val_top1_prob"],
+        wall_s=round(last["elapsed_s"] + summary["timing_s"]["total_s"], 1),
+    )
+    for mode, key in [
+        ("hyperfitted_greedy", "ttr_first96"),
+        ("hyperfitted_blocked", "ttr_first96"),
+        ("original_greedy", "ttr_first96"),
+        ("hyperfitted_greedy", "overlap_gt10_share_first96"),
+        ("hyperfitted_greedy", "dataset_bleu4_first96"),
+        ("hyperfitted_greedy", "self_bleu4_texygen_first96"),
+    ]:
+        row[f"{mode}.{key}"] = metric(summary, mode, key)
+    return row
+
+
+@torch.no_grad()
+def validation_top1(run_dir, device=None):
+    """The top-1 next token at every validation position of a run's hyperfitted model and of the
+    original model (LongTensors [N, T-1]), for the shuffle study."""
+    setup = resolve_setup(run_dir)
+    tokenizer = hyperfit.load_tokenizer(setup["model"])
+    s = setup["split"]
+    splits = hyperfit.make_splits(
+        tokenizer,
+        hyperfit.load_texts(s["data"]),
+        s["seq_len"],
+        s["num_train"],
+        s["num_val"],
+        s["seed"],
+    )
+    nets = load_nets(setup, device, dense=None)
+    top1 = {}
+    for which in ("hyperfitted", "original"):
+        with nets.use(which) as net:
+            stats = hyperfit.token_statistics(net, splits["val"], SCORE_BATCH_SIZE, top1=True)
+        top1[which] = stats["top1_ids"]
+    return top1["hyperfitted"], top1["original"]
+
+
+def shuffle_comparison(run_dirs, device=None):
+    """The shuffle study's numbers: for every pair of runs the share of validation positions
+    where their top-1 predictions differ (the paper: ~30 %), and each run's top-1 agreement with
+    the original model."""
+    tops = {Path(r).name: validation_top1(r, device) for r in run_dirs}
+    names = list(tops)
+    pairs = [
+        dict(runs=[a, b], top1_differs=(tops[a][0] != tops[b][0]).float().mean().item())
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+    ]
+    agreement = {n: (h == o).float().mean().item() for n, (h, o) in tops.items()}
+    return dict(pairs=pairs, top1_agreement_with_original=agreement)
+
+
+def run_study(
+    study,
+    out_dir=None,
+    model=hyperfit.DEFAULT_MODEL,
+    data=None,
+    sizes=None,
+    order_seeds=None,
+    training=None,
+    evaluation=None,
+    progress=True,
+):
+    """Run one of the paper's studies (STUDIES: "data_size" or "shuffle") into `out_dir`
+    (default results/studies/<study>/), one ordinary run folder per data size or order seed, and
+    write study.json (the settings, one row per run, and for the shuffle study the top-1
+    comparison). A rerun skips finished runs and resumes interrupted ones. `training` and
+    `evaluation` override STUDY_TRAINING and STUDY_EVALUATION. Returns the study dict."""
+    study = study.replace("-", "_")
+    plan = study_plan(study, sizes, order_seeds)
+    out_dir = Path(
+        out_dir or Path(hyperfit.absolute_path("results")) / "studies" / study.replace("_", "-")
+    )
+    training = dict(
+        STUDY_TRAINING, model=model, **({"data": data} if data else {}), **(training or {})
+    )
+    evaluation = dict(STUDY_EVALUATION, **(evaluation or {}))
+    rows = []
+    for name, settings in plan:
+        if progress:
+            print(f"== study {study}: run {name}", flush=True)
+        rows.append(study_run(out_dir / name, dict(training, **settings), evaluation, progress))
+    result = dict(
+        study=study,
+        paper=PAPER_STUDIES[study],
+        training=training,
+        evaluation=evaluation,
+        rows=rows,
+        command=shlex.join(["python", "evaluate.py", "--study", study.replace("_", "-")]),
+    )
+    if study == "shuffle":
+        result["comparison"] = shuffle_comparison([out_dir / name for name, _ in plan])
+    hyperfit.write_atomic(out_dir / "study.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# -----------------------------------------------------------------------------
+# annotate.html: a blind A/B page for the paper's human study (Carlsson et al. 2025: annotators
+# compare a continuation with the real human continuation of the same context; a mode's score is
+# the share judged better than or equally good as the human text; plot.py scores the judgments)
+
+
+def annotation_pairs(records, data, tokenizer, tokens):
+    """One pair per prompt and annotated mode (ANNOTATE_MODES): the prompt, the mode's
+    continuation and the human continuation (the text that follows the prompt in its source),
+    both cut to the same number of tokens (at most `tokens`)."""
+    pairs = []
+    for record in records:
+        if record["mode"] not in ANNOTATE_MODES:
+            continue
+        human = data["human"][record["prompt_id"]]
+        length = min(tokens, len(human), len(record["token_ids"]))
+        prompt = data["prompts"][record["prompt_id"]]
+        pairs.append(
+            dict(
+                prompt_id=record["prompt_id"],
+                mode=record["mode"],
+                prompt=tokenizer.decode(prompt, skip_special_tokens=True),
+                model_text=tokenizer.decode(record["token_ids"][:length]),
+                human_text=tokenizer.decode(human[:length]),
+            )
+        )
+    return pairs
+
+
+JUDGMENTS_FORMAT = "hyperfit-judgments-1"  # the "format" field of a downloaded judgments file
+PAIR_FIELDS = ("prompt_id", "mode", "prompt", "model_text", "human_text")
+DEFAULT_TITLE = "Which continuation is better?"
+DEFAULT_INSTRUCTIONS = (
+    "Each item shows the beginning of a text (grey) and two possible continuations of it. "
+    "Read both and choose the better continuation of the context: fluent, coherent, consistent "
+    "with the context, interesting to read and not repetitive. If you cannot tell them apart in "
+    "quality, choose “Equally good”. Judge each item on its own; there are no right answers."
+)
+
+
+# -----------------------------------------------------------------------------
+# the page's items and its key
+
+
+def check_pairs(pairs):
+    """One line saying what is wrong with `pairs`, or None."""
+    if not pairs:
+        return "no pairs to annotate: pass one {" + ", ".join(PAIR_FIELDS) + "} per prompt and mode"
+    seen = set()
+    for index, pair in enumerate(pairs):
+        missing = [
+            field for field in PAIR_FIELDS if not isinstance(pair, dict) or field not in pair
+        ]
+        if missing:
+            return (
+                f"pair {index} lacks {', '.join(missing)}; each pair needs {', '.join(PAIR_FIELDS)}"
+            )
+        if (pair["prompt_id"], pair["mode"]) in seen:
+            return (
+                f"pair {index} repeats prompt {pair['prompt_id']} in mode {pair['mode']!r}; "
+                "pass each (prompt, mode) once"
+            )
+        seen.add((pair["prompt_id"], pair["mode"]))
+    return None
+
+
+def annotation_rounds(pairs, rng):
+    """Group the pairs into rounds that each hold every mode at most once, on different prompts.
+    A Latin square: with the prompts in a shuffled order, the pair (mode j, prompt at position i)
+    goes to round (i - j) mod P, so a round holds every mode once whenever each mode covers every
+    prompt."""
+    modes = sorted({pair["mode"] for pair in pairs})
+    prompt_ids = sorted({pair["prompt_id"] for pair in pairs})
+    rng.shuffle(modes)
+    rng.shuffle(prompt_ids)
+    mode_index = {mode: j for j, mode in enumerate(modes)}
+    prompt_position = {prompt_id: i for i, prompt_id in enumerate(prompt_ids)}
+    rounds = [[] for _ in prompt_ids]
+    for pair in sorted(
+        pairs, key=lambda p: (prompt_position[p["prompt_id"]], mode_index[p["mode"]])
+    ):
+        position = prompt_position[pair["prompt_id"]] - mode_index[pair["mode"]]
+        rounds[position % len(prompt_ids)].append(pair)
+    for round_pairs in rounds:
+        rng.shuffle(round_pairs)
+    rng.shuffle(rounds)
+    return [round_pairs for round_pairs in rounds if round_pairs]
+
+
+def item_clash(pair, previous):
+    """(same prompt, same mode) as 0/1 for `pair` shown right after `previous`."""
+    if previous is None:
+        return (0, 0)
+    return (int(pair["prompt_id"] == previous["prompt_id"]), int(pair["mode"] == previous["mode"]))
+
+
+def next_in_round(round_pairs, previous):
+    """Index of the pair to show next: not the previous prompt if possible; then the prompt with the
+    most pairs left in the round (placing the commonest prompt first is what keeps repeats apart
+    when a round has more modes than there are prompts); then not the previous mode."""
+    ranks = []
+    for pair in round_pairs:
+        same_prompt, same_mode = item_clash(pair, previous)
+        left = sum(other["prompt_id"] == pair["prompt_id"] for other in round_pairs)
+        ranks.append((same_prompt, -left, same_mode))
+    return ranks.index(min(ranks))
+
+
+def presentation_order(rounds):
+    """The pairs in the order shown. Greedy: the next round is the first remaining one that can
+    start without repeating the previous item's prompt or mode (else its prompt only), and inside a
+    round the next item is chosen by next_in_round."""
+    order = []
+    remaining_rounds = list(rounds)
+    while remaining_rounds:
+        previous = order[-1] if order else None
+        best_start = [min(item_clash(pair, previous) for pair in r) for r in remaining_rounds]
+        round_pairs = list(remaining_rounds.pop(best_start.index(min(best_start))))
+        while round_pairs:
+            previous = order[-1] if order else None
+            order.append(round_pairs.pop(next_in_round(round_pairs, previous)))
+    return order
+
+
+def model_sides(order, rng):
+    """Left/right for the model text of each pair in `order`: a shuffled half-and-half split
+    within each mode, so every mode has (within one) as many model texts on the left as on the
+    right and an annotator's side preference cannot favour one mode."""
+    sides = [None] * len(order)
+    for mode in sorted({pair["mode"] for pair in order}):
+        positions = [i for i, pair in enumerate(order) if pair["mode"] == mode]
+        mode_sides = ["left", "right"] * (len(positions) // 2)
+        if len(positions) % 2:
+            mode_sides.append(rng.choice(["left", "right"]))
+        rng.shuffle(mode_sides)
+        for position, side in zip(positions, mode_sides):
+            sides[position] = side
+    return sides
+
+
+def page_id_of(page_items):
+    """First 16 hex digits of the SHA-256 of the page items' canonical JSON: another page (other
+    texts, order or sides) gets another id, the same page always the same one."""
+    canonical = json.dumps(page_items, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def build_annotation(pairs, seed=0):
+    """The annotation page's items and the key that unblinds them.
+
+    pairs: one dict per prompt x decoding mode, {"prompt_id", "mode", "prompt", "model_text",
+    "human_text"}. Returns (page_items, key): page_items = [{"item_id", "prompt", "left", "right"}]
+    in presentation order; key = {"page_id", "seed", "items": {item_id: {"mode", "prompt_id",
+    "model_side"}}}. Items come in rounds holding every mode once on different prompts, so
+    modes alternate and a prompt never shows twice in a row (when there are two or more prompts);
+    the model side is balanced within each mode. Item ids ("i001", ... in presentation order)
+    reveal no mode. Everything random comes from random.Random(seed): same pairs and seed -> same
+    page. Raises UsageError (one line) for missing fields or a repeated (prompt, mode)."""
+    problem = check_pairs(pairs)
+    if problem:
+        raise UsageError(problem)
+    rng = random.Random(seed)
+    order = presentation_order(annotation_rounds(list(pairs), rng))
+    sides = model_sides(order, rng)
+    width = max(3, len(str(len(order))))
+    page_items, key_items = [], {}
+    for number, (pair, model_side) in enumerate(zip(order, sides), 1):
+        item_id = f"i{number:0{width}d}"
+        texts = {
+            model_side: pair["model_text"],
+            ("right" if model_side == "left" else "left"): pair["human_text"],
+        }
+        page_items.append(
+            {
+                "item_id": item_id,
+                "prompt": pair["prompt"],
+                "left": texts["left"],
+                "right": texts["right"],
+            }
+        )
+        key_items[item_id] = {
+            "mode": pair["mode"],
+            "prompt_id": pair["prompt_id"],
+            "model_side": model_side,
+        }
+    return page_items, {"page_id": page_id_of(page_items), "seed": seed, "items": key_items}
+
+
+# -----------------------------------------------------------------------------
+# the HTML page
+
+
+def script_json(value):
+    """JSON that is safe inside <script>: '<' escaped, so no text can close the tag early."""
+    return json.dumps(value, ensure_ascii=False).replace("<", "\\u003c")
+
+
+def annotation_html(page_items, page_id, title=DEFAULT_TITLE, instructions=DEFAULT_INSTRUCTIONS):
+    """The annotation page as one self-contained HTML document (inline CSS and JS, no network).
+
+    Judgments are saved to localStorage after every click or key (under
+    "hyperfit-annotate:<page_id>"), so a reload resumes where the annotator was; "Download
+    judgments" saves judgments-<page_id>-<annotator>.json (format JUDGMENTS_FORMAT) and "Import
+    judgments" restores a session from such a file. The page holds only page_items: no decoding
+    mode is named anywhere."""
+    replacements = {
+        "__TITLE__": html.escape(title),
+        "__INSTRUCTIONS__": html.escape(instructions),
+        "__PAGE_ID__": html.escape(page_id),
+        "__ITEMS_JSON__": script_json(page_items),
+        "__PAGE_JSON__": script_json({"page_id": page_id, "format": JUDGMENTS_FORMAT}),
+    }
+    text = PAGE_TEMPLATE
+    for placeholder, value in replacements.items():
+        text = text.replace(placeholder, value)
+    return text
+
+
+def write_annotation(
+    out_dir, pairs, seed=0, title=DEFAULT_TITLE, instructions=DEFAULT_INSTRUCTIONS
+):
+    """Write annotate.html (the blind page for annotators) and annotate_key.json (which side holds
+    which mode's text: keep it away from annotators) into out_dir, each atomically, the key first so
+    a page never exists without its key. Returns (html_path, key_path) as strings."""
+    page_items, key = build_annotation(pairs, seed=seed)
+    page_text = annotation_html(page_items, key["page_id"], title=title, instructions=instructions)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    key_path, html_path = out / "annotate_key.json", out / "annotate.html"
+    hyperfit.write_atomic(key_path, json.dumps(key, indent=2, ensure_ascii=False) + "\n")
+    hyperfit.write_atomic(html_path, page_text)
+    return str(html_path), str(key_path)
+
+
+# The page. Placeholders __LIKE_THIS__ are filled by annotation_html (str.replace, so the CSS braces
+# and JS template literals need no escaping). The items and the page id travel as JSON in
+# <script type="application/json"> blocks; the JS reads them with JSON.parse.
+PAGE_TEMPLATE = r"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>__TITLE__</title>
+<style>
+  :root {
+    --ink: #1d1d1f; --muted: #6b6b70; --faint: #8a8a90; --paper: #fbfaf7; --card: #ffffff;
+    --line: #dedcd5; --accent: #2f5d8a; --accent-soft: #e7eef6; --warn: #a33a1f;
+    --serif: Charter, "Bitstream Charter", "Iowan Old Style", "Palatino Linotype", Palatino,
+             Georgia, Cambria, "Times New Roman", serif;
+    --sans: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+  }
+  * { box-sizing: border-box; }
+  body { margin: 0; background: var(--paper); color: var(--ink); font-family: var(--sans);
+         font-size: 15px; line-height: 1.45; }
+  header { position: sticky; top: 0; z-index: 2; background: var(--card);
+           border-bottom: 1px solid var(--line); }
+  .bar { max-width: 1240px; margin: 0 auto; padding: 10px 24px; display: flex; gap: 18px;
+         align-items: baseline; flex-wrap: wrap; }
+  h1 { font-size: 18px; margin: 0; font-weight: 600; }
+  #progress { font-weight: 600; color: var(--accent); }
+  .who { margin-left: auto; color: var(--muted); }
+  main { max-width: 1240px; margin: 0 auto; padding: 16px 24px 40px; }
+  details.instructions { background: var(--card); border: 1px solid var(--line); border-radius: 6px;
+                         padding: 8px 14px; margin-bottom: 14px; color: #333; }
+  details.instructions summary { cursor: pointer; font-weight: 600; }
+  details.instructions p { max-width: 75ch; margin: 8px 0; }
+  kbd { font-family: var(--sans); font-size: 12px; border: 1px solid #c8c6bf;
+        border-bottom-width: 2px; border-radius: 4px; padding: 0 5px; background: #f4f3ef; }
+  .card { background: var(--card); border: 1px solid var(--line); border-radius: 6px;
+          padding: 16px 22px; }
+  .label { font-family: var(--sans); font-size: 12px; letter-spacing: .06em;
+           text-transform: uppercase; color: var(--faint); margin: 0 0 6px; }
+  .prose { font-family: var(--serif); font-size: 18px; line-height: 1.6; white-space: pre-wrap;
+           overflow-wrap: break-word; margin: 0; }
+  #context { color: var(--muted); max-width: 80ch; }
+  .pair { display: grid; grid-template-columns: 1fr 1fr; gap: 20px; margin: 14px 0; }
+  .pair .prose { max-width: 68ch; }
+  .ellipsis { color: var(--faint); }
+  /* the answer buttons stay in view at the bottom of the window while long texts scroll */
+  .controls { position: sticky; bottom: 0; background: var(--paper); padding: 10px 0 8px;
+              border-top: 1px solid var(--line); }
+  .choices { display: flex; gap: 12px; justify-content: center; margin: 0 0 10px; }
+  button, .button { font: inherit; font-size: 15px; padding: 8px 16px; border-radius: 6px;
+                    border: 1px solid #b9b7b0; background: #f6f5f1; color: var(--ink);
+                    cursor: pointer; }
+  button:hover, .button:hover { background: #ecebe6; }
+  button:disabled { opacity: .45; cursor: default; }
+  .choices button { min-width: 200px; padding: 11px 18px; font-size: 16px;
+                    background: var(--accent-soft); border-color: #9fb7cf; }
+  .choices button:hover { background: #d6e3f0; }
+  .note-row { display: flex; gap: 10px; align-items: flex-start; }
+  .note-row label { color: var(--muted); padding-top: 6px; white-space: nowrap; }
+  textarea, input[type=text] { font: inherit; border: 1px solid #c8c6bf; border-radius: 6px;
+                               padding: 6px 9px; background: #fff; }
+  textarea { flex: 1; min-height: 2.4em; resize: vertical; }
+  .toolbar { display: flex; gap: 10px; align-items: center; flex-wrap: wrap; margin-top: 18px;
+             padding-top: 14px; border-top: 1px solid var(--line); color: var(--muted); }
+  .toolbar .spacer { flex: 1; }
+  .visually-hidden { position: absolute; width: 1px; height: 1px; overflow: hidden;
+                     clip: rect(0 0 0 0); white-space: nowrap; }
+  #message { min-height: 1.5em; margin: 8px 0 0; }
+  #message.error { color: var(--warn); font-weight: 600; }
+  #setup, #done { max-width: 640px; margin: 40px auto; }
+  #setup input { width: 100%; font-size: 17px; margin: 8px 0 12px; }
+  [hidden] { display: none !important; }
+</style>
+</head>
+<body>
+<header>
+  <div class="bar">
+    <h1>__TITLE__</h1>
+    <span id="progress" aria-live="polite"></span>
+    <span id="saved-status"></span>
+    <span class="who">Annotator: <strong id="annotator-label">–</strong>
+      <button type="button" id="change-name">change</button></span>
+  </div>
+</header>
+<main>
+  <details class="instructions" id="instructions" open>
+    <summary>Instructions</summary>
+    <p>__INSTRUCTIONS__</p>
+    <p>Keys: <kbd>1</kbd> or <kbd>&larr;</kbd> left is better, <kbd>2</kbd> or <kbd>&darr;</kbd>
+      equally good, <kbd>3</kbd> or <kbd>&rarr;</kbd> right is better, <kbd>Backspace</kbd> or
+      <kbd>U</kbd> undo the last answer. Keys do nothing while you type a note
+      (<kbd>Esc</kbd> leaves the note field). Every answer is saved in this browser at once: you can
+      close the tab and come back later. When you are done, press &ldquo;Download judgments&rdquo;
+      and send the file.</p>
+  </details>
+
+  <form id="setup" class="card" hidden>
+    <p class="label">Before you start</p>
+    <label for="annotator-name">Your name or initials (goes into the file you send back):</label>
+    <input type="text" id="annotator-name" autocomplete="off" maxlength="60">
+    <button type="submit" id="start">Start</button>
+  </form>
+
+  <section id="work" hidden>
+    <div class="card">
+      <p class="label">Context</p>
+      <p id="context" class="prose"></p>
+    </div>
+    <div class="pair">
+      <div class="card">
+        <p class="label">Left continuation</p>
+        <p class="prose"><span class="ellipsis">&hellip;</span><span id="left-text"></span></p>
+      </div>
+      <div class="card">
+        <p class="label">Right continuation</p>
+        <p class="prose"><span class="ellipsis">&hellip;</span><span id="right-text"></span></p>
+      </div>
+    </div>
+    <div class="controls">
+    <div class="choices">
+      <button type="button" id="choose-left" aria-keyshortcuts="1 ArrowLeft">
+        &larr; Left is better <kbd>1</kbd></button>
+      <button type="button" id="choose-equal" aria-keyshortcuts="2 ArrowDown">
+        Equally good <kbd>2</kbd></button>
+      <button type="button" id="choose-right" aria-keyshortcuts="3 ArrowRight">
+        Right is better &rarr; <kbd>3</kbd></button>
+    </div>
+    <div class="note-row">
+      <label for="note">Note (optional):</label>
+      <textarea id="note" rows="1"
+                placeholder="anything worth telling us about this item"></textarea>
+    </div>
+    </div>
+  </section>
+
+  <section id="done" class="card" hidden>
+    <p class="label">Finished</p>
+    <p id="done-text"></p>
+    <p><button type="button" id="download-done">Download judgments</button></p>
+  </section>
+
+  <div class="toolbar">
+    <button type="button" id="undo" aria-keyshortcuts="Backspace U">Undo last answer</button>
+    <span class="spacer"></span>
+    <span id="judged-count"></span>
+    <button type="button" id="download">Download judgments</button>
+    <label class="button" for="import-file">Import judgments&hellip;</label>
+    <input type="file" id="import-file" class="visually-hidden" accept=".json,application/json">
+  </div>
+  <p id="message" role="status"></p>
+</main>
+
+<script type="application/json" id="items-data">__ITEMS_JSON__</script>
+<script type="application/json" id="page-data">__PAGE_JSON__</script>
+<script>
+"use strict";
+const ITEMS = JSON.parse(document.getElementById("items-data").textContent);
+const PAGE = JSON.parse(document.getElementById("page-data").textContent);
+const ITEM_IDS = new Set(ITEMS.map((item) => item.item_id));
+const CHOICES = ["left", "equal", "right"];
+
+/* localStorage schema. One entry per page, so several pages opened from disk (which share one
+   file:// origin) never mix:
+     "hyperfit-annotate:<page_id>" -> JSON {
+       "version": 1, "page_id": str, "annotator": str,
+       "judgments": [{"item_id": str, "choice": "left"|"equal"|"right", "time": ISO str,
+                      "note": str}],   // in the order judged, at most one per item
+       "drafts": {item_id: str}        // a note typed on an item not yet judged
+     }
+   "hyperfit-annotate:last-annotator" -> the last name entered on any page (to prefill it). */
+const STORAGE_KEY = "hyperfit-annotate:" + PAGE.page_id;
+const NAME_KEY = "hyperfit-annotate:last-annotator";
+
+let state = emptyState();
+let storageWorks = true;
+let editingName = false;
+
+function emptyState() {
+  return { version: 1, page_id: PAGE.page_id, annotator: "", judgments: [], drafts: {} };
+}
+
+function loadState() {
+  try {
+    const saved = JSON.parse(localStorage.getItem(STORAGE_KEY) || "null");
+    if (saved && saved.page_id === PAGE.page_id && Array.isArray(saved.judgments)) {
+      state = Object.assign(emptyState(), saved);
+      state.judgments = state.judgments.filter((j) => ITEM_IDS.has(j.item_id));
+    }
+  } catch (error) {
+    storageWorks = false;
+  }
+}
+
+function saveState() {
+  try {
+    localStorage.setItem(STORAGE_KEY, JSON.stringify(state));
+    storageWorks = true;
+  } catch (error) {
+    // private mode or a full quota: keep working, but tell the annotator to download often
+    storageWorks = false;
+  }
+}
+
+function judgedIds() {
+  return new Set(state.judgments.map((j) => j.item_id));
+}
+
+// The item on screen is the first one (in page order) not yet judged.
+function currentIndex() {
+  const judged = judgedIds();
+  return ITEMS.findIndex((item) => !judged.has(item.item_id));
+}
+
+function showMessage(text, isError) {
+  const message = document.getElementById("message");
+  message.textContent = text;
+  message.className = isError ? "error" : "";
+}
+
+function render() {
+  const index = currentIndex();
+  const named = Boolean(state.annotator) && !editingName;
+  document.getElementById("setup").hidden = named;
+  document.getElementById("work").hidden = !named || index < 0;
+  document.getElementById("done").hidden = !named || index >= 0;
+  document.getElementById("annotator-label").textContent = state.annotator || "–";
+  document.getElementById("change-name").hidden = !named;
+  document.getElementById("progress").textContent =
+    index < 0 ? `All ${ITEMS.length} items judged` : `Item ${index + 1} of ${ITEMS.length}`;
+  document.getElementById("judged-count").textContent =
+    `${state.judgments.length} of ${ITEMS.length} judged`;
+  document.getElementById("saved-status").textContent = storageWorks
+    ? "saved in this browser" : "NOT saved in this browser: download your judgments often";
+  document.getElementById("undo").disabled = state.judgments.length === 0;
+  if (!named) {
+    document.getElementById("annotator-name").value = state.annotator || readLastName();
+  } else if (index >= 0) {
+    const item = ITEMS[index];
+    document.getElementById("context").textContent = item.prompt;
+    document.getElementById("left-text").textContent = item.left;
+    document.getElementById("right-text").textContent = item.right;
+    document.getElementById("note").value = state.drafts[item.item_id] || "";
+  } else {
+    document.getElementById("done-text").textContent =
+      `All ${ITEMS.length} items are judged. Thank you! Press "Download judgments" and send ` +
+      "the file. You can still undo your last answers.";
+  }
+}
+
+function readLastName() {
+  try {
+    return localStorage.getItem(NAME_KEY) || "";
+  } catch (error) {
+    return "";
+  }
+}
+
+function setName(event) {
+  event.preventDefault();
+  const name = document.getElementById("annotator-name").value.trim();
+  if (!name) {
+    showMessage("Please enter your name or initials first.", true);
+    return;
+  }
+  state.annotator = name;
+  editingName = false;
+  saveState();
+  try {
+    localStorage.setItem(NAME_KEY, name);
+  } catch (error) { /* prefilling the name is only a convenience */ }
+  showMessage("", false);
+  render();
+}
+
+function judge(choice) {
+  const index = currentIndex();
+  if (!state.annotator || editingName || index < 0) return;
+  const item = ITEMS[index];
+  const note = document.getElementById("note").value.trim();
+  state.judgments.push({ item_id: item.item_id, choice: choice,
+                         time: new Date().toISOString(), note: note });
+  delete state.drafts[item.item_id];
+  saveState();
+  showMessage("", false);
+  render();
+  window.scrollTo(0, 0);
+}
+
+// Undo takes back the latest answer: its item comes back on screen with its note.
+function undo() {
+  const last = state.judgments.pop();
+  if (!last) return;
+  if (last.note) state.drafts[last.item_id] = last.note;
+  saveState();
+  const number = ITEMS.findIndex((item) => item.item_id === last.item_id) + 1;
+  showMessage(`Took back your answer to item ${number}.`, false);
+  render();
+}
+
+function saveDraft() {
+  const index = currentIndex();
+  if (index < 0) return;
+  const text = document.getElementById("note").value;
+  if (text) state.drafts[ITEMS[index].item_id] = text;
+  else delete state.drafts[ITEMS[index].item_id];
+  saveState();
+}
+
+function safeFileName(name) {
+  return name.replace(/[^A-Za-z0-9_-]+/g, "_").replace(/^_+|_+$/g, "") || "annotator";
+}
+
+// The downloaded file: what preference.py reads. Judgments in the order judged, one per item.
+function download() {
+  if (state.judgments.length === 0) {
+    showMessage("Nothing judged yet: there is nothing to download.", true);
+    return;
+  }
+  const data = { format: PAGE.format, page_id: PAGE.page_id, annotator: state.annotator,
+                 num_items: ITEMS.length, exported: new Date().toISOString(),
+                 judgments: state.judgments };
+  const blob = new Blob([JSON.stringify(data, null, 1) + "\n"], { type: "application/json" });
+  const url = URL.createObjectURL(blob);
+  const link = document.createElement("a");
+  link.href = url;
+  link.download = `judgments-${PAGE.page_id}-${safeFileName(state.annotator)}.json`;
+  document.body.appendChild(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);  // revoking at once can cancel the download
+  showMessage(`Downloaded ${state.judgments.length} judgments as ${link.download}.`, false);
+}
+
+// One sentence saying why `data` cannot be imported into this page, or "".
+function importProblem(data) {
+  if (!data || data.format !== PAGE.format || !Array.isArray(data.judgments)) {
+    return "this is not a judgments file downloaded from an annotation page.";
+  }
+  if (data.page_id !== PAGE.page_id) {
+    return `it was made on another annotation page (page id ${data.page_id}, this page is ` +
+           `${PAGE.page_id}); open the page it came from.`;
+  }
+  const bad = data.judgments.find(
+    (j) => !j || !ITEM_IDS.has(j.item_id) || !CHOICES.includes(j.choice));
+  return bad ? "it holds an answer to an item this page does not have." : "";
+}
+
+function importJudgments(fileText, fileName) {
+  let data = null;
+  try {
+    data = JSON.parse(fileText);
+  } catch (error) { /* reported below as "not a judgments file" */ }
+  const problem = importProblem(data);
+  if (problem) {
+    showMessage(`Could not import ${fileName}: ${problem}`, true);
+    return;
+  }
+  const latest = new Map();  // a later answer to the same item replaces the earlier one
+  for (const j of data.judgments) {
+    latest.delete(j.item_id);
+    latest.set(j.item_id, { item_id: j.item_id, choice: j.choice, time: String(j.time || ""),
+                            note: String(j.note || "") });
+  }
+  state = emptyState();
+  state.annotator = String(data.annotator || "").trim();
+  state.judgments = Array.from(latest.values());
+  editingName = false;
+  saveState();
+  render();
+  showMessage(`Imported ${state.judgments.length} judgments by ${state.annotator || "(no name)"} ` +
+              `from ${fileName}.`, false);
+}
+
+function onImportFile(event) {
+  const file = event.target.files[0];
+  event.target.value = "";  // so choosing the same file again fires another change event
+  if (!file) return;
+  file.text().then((text) => importJudgments(text, file.name),
+                   () => showMessage(`Could not read ${file.name}.`, true));
+}
+
+const KEY_CHOICES = { "1": "left", "ArrowLeft": "left", "2": "equal", "ArrowDown": "equal",
+                      "3": "right", "ArrowRight": "right" };
+
+function onKey(event) {
+  const target = event.target;
+  // typing a note or a name must never answer an item
+  if (target.closest && target.closest("input, textarea, select, [contenteditable]")) {
+    if (event.key === "Escape" && target.blur) target.blur();
+    return;
+  }
+  if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
+  if (!state.annotator || editingName) return;  // the name form is up: no answers, no undo
+  if (KEY_CHOICES[event.key]) {
+    event.preventDefault();
+    judge(KEY_CHOICES[event.key]);
+  } else if (event.key === "Backspace" || event.key === "u" || event.key === "U") {
+    event.preventDefault();
+    undo();
+  }
+}
+
+// A clicked button keeps focus; blur it so Enter or Space cannot repeat the answer on the next
+// item.
+function clickThenBlur(handler) {
+  return (event) => {
+    handler();
+    event.currentTarget.blur();
+  };
+}
+
+function startEditingName() {
+  editingName = true;
+  render();
+  document.getElementById("annotator-name").focus();
+}
+
+function init() {
+  loadState();
+  // returning annotators have read the instructions: fold them away to leave room for the texts
+  document.getElementById("instructions").open = state.judgments.length === 0;
+  document.getElementById("setup").addEventListener("submit", setName);
+  document.getElementById("change-name").addEventListener("click", startEditingName);
+  for (const choice of CHOICES) {
+    document.getElementById("choose-" + choice)
+      .addEventListener("click", clickThenBlur(() => judge(choice)));
+  }
+  document.getElementById("undo").addEventListener("click", clickThenBlur(undo));
+  document.getElementById("download").addEventListener("click", clickThenBlur(download));
+  document.getElementById("download-done").addEventListener("click", clickThenBlur(download));
+  document.getElementById("import-file").addEventListener("change", onImportFile);
+  document.getElementById("note").addEventListener("input", saveDraft);
+  document.addEventListener("keydown", onKey);
+  render();
+  if (!state.annotator) document.getElementById("annotator-name").focus();
+}
+
+init();
+</script>
+</body>
+</html>
+"""
 
 
 # -----------------------------------------------------------------------------
 # command line
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(
-        description="Generate continuations of held-out prompts with the original and the hyperfitted model\n"
-                    "and write the paper's tables to RUN_DIR/eval/ (summary.json, generations.jsonl, table.md).",
-        epilog=f"modes: {', '.join(MODES)}\n  (without RUN_DIR only {', '.join(ORIGINAL_ONLY_MODES)}, of --model)\n"
-               "examples:\n  python evaluate.py results/smollm2-135m\n  python evaluate.py --model smollm2-135m\n"
-               "  python evaluate.py results/x --modes hyperfitted_greedy,hyperfitted_blocked --new-tokens 96",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="run folder written by hyperfit.py (results/<run>)")
-    p.add_argument("--model", help="base model: preset, HF folder or hub id (default: the run's; required without RUN_DIR)")
+        description="Generate continuations of held-out prompts with the original and the "
+        "hyperfitted model and write the paper's tables to RUN_DIR/eval/ (summary.json, "
+        "generations.jsonl, table.md, paper_comparison.md, annotate.html). With --study, run one "
+        "of the paper's studies (train + evaluate) into results/studies/<study>/.",
+        epilog=f"modes: {', '.join(MODES)} (without RUN_DIR: {', '.join(ORIGINAL_ONLY_MODES)})\n"
+        "examples:\n  python evaluate.py results/smollm2-135m\n  python evaluate.py --model "
+        "smollm2-135m\n  python evaluate.py --study data-size\n"
+        "  python evaluate.py --study shuffle",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run folder of hyperfit.py")
+    p.add_argument(
+        "--model",
+        help="base model: preset, folder or hub id (default: the run's; required without RUN_DIR)",
+    )
     p.add_argument("--modes", help="comma-separated decoding modes (default: all that apply)")
-    p.add_argument("--num-prompts", type=int,
-                   help=f"held-out 32-token contexts (default: {NUM_PROMPTS_CPU} on CPU, {NUM_PROMPTS_GPU} on a GPU)")
-    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="tokens generated per prompt (paper: 96, 128, 256; default: %(default)s)")
-    p.add_argument("--block-ngrams", type=int, default=BLOCK_NGRAMS, help="citation blocking: forbid the training n-grams of this n (paper and default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=TOP_P, help="original_top_p: nucleus mass (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=TEMPERATURE, help="original_top_p: temperature (default: %(default)s)")
-    p.add_argument("--top-k", type=int, default=TOP_K, help="original_top_p: top-k, 0 = off (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="prompts generated at once (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=SEED, help="sampling seed (default: %(default)s)")
-    p.add_argument("--quant", choices=["4bit", "8bit", "none"], help="base model quantization (default: the run's)")
-    p.add_argument("--sharpness-seqs", type=int, help=f"validation sequences for the sharpness table and the entropy "
-                                                       f"match (default: {SHARPNESS_SEQS_CPU} on CPU, {SHARPNESS_SEQS_GPU} on a GPU)")
+    p.add_argument(
+        "--num-prompts",
+        type=int,
+        help=f"held-out contexts (default: "
+        f"{NUM_PROMPTS['cpu']} on a CPU, {NUM_PROMPTS['cuda']} on a GPU)",
+    )
+    defaults = [
+        ("new-tokens", int, NEW_TOKENS, "tokens generated per prompt (paper: 96, 128, 256)"),
+        (
+            "block-ngrams",
+            int,
+            BLOCK_NGRAMS,
+            "citation blocking: forbid the training n-grams of this n (paper: 5)",
+        ),
+        ("top-p", float, TOP_P, "original_top_p: nucleus mass"),
+        ("temperature", float, TEMPERATURE, "original_top_p: temperature"),
+        ("top-k", int, TOP_K, "original_top_p: top-k, 0 = off"),
+        ("batch-size", int, BATCH_SIZE, "prompts generated at once"),
+        ("seed", int, SEED, "sampling seed"),
+        ("annotate-tokens", int, ANNOTATE_TOKENS, "tokens per side on annotate.html (0: no page)"),
+    ]
+    for name, kind, value, text in defaults:
+        p.add_argument(f"--{name}", type=kind, default=value, help=f"{text} (default: {value})")
+    p.add_argument("--quant", choices=["4bit", "8bit", "none"], help="default: the run's")
+    p.add_argument(
+        "--dtype", help="compute dtype: auto, float32, bfloat16, float16 (default: the run's)"
+    )
+    p.add_argument(
+        "--sharpness-seqs",
+        type=int,
+        help=f"validation sequences for the sharpness "
+        f"table (default: {SHARPNESS_SEQS['cpu']} on a CPU, {SHARPNESS_SEQS['cuda']} "
+        "on a GPU)",
+    )
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--out-dir", help="output folder (default: RUN_DIR/eval, or results/<model>-original/eval)")
-    g = p.add_argument_group("data split without RUN_DIR (default: the model preset's, as hyperfit.py would use)")
+    p.add_argument(
+        "--dense",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="generate with dense copies of the models (default: on a CPU) or with the "
+        "4-bit model, its adapter toggled (default: on a GPU)",
+    )
+    p.add_argument(
+        "--out-dir",
+        help="output folder (default: RUN_DIR/eval; with --study: results/studies/<study>)",
+    )
+    g = p.add_argument_group("data split without RUN_DIR (default: the preset's)")
     g.add_argument("--data", help="a .txt, a .jsonl with a 'text' field, or a folder of .txt")
     for name in ("seq-len", "num-train", "num-val", "prompt-len"):
         g.add_argument(f"--{name}", type=int)
-    args = vars(p.parse_args(argv))
+    s = p.add_argument_group("studies")
+    s.add_argument(
+        "--study", choices=["data-size", "shuffle"], help="run one of the paper's studies"
+    )
+    s.add_argument(
+        "--sizes",
+        help=f"data-size study: training sequences (default: "
+        f"{','.join(map(str, STUDIES['data_size']['sizes']))})",
+    )
+    s.add_argument(
+        "--order-seeds",
+        help=f"shuffle study: data-order seeds (default: "
+        f"{','.join(map(str, STUDIES['shuffle']['order_seeds']))})",
+    )
+    return p
+
+
+def int_list(text, flag):
+    if text is None:
+        return None
     try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise UsageError(f"{flag} {text}: give comma-separated integers, e.g. 8,16,32") from None
+
+
+def main(argv=None):
+    """The command line: returns the exit code (0 done, 2 bad input); errors are one line."""
+    args = vars(build_parser().parse_args(argv))
+    study, sizes, seeds = args.pop("study"), args.pop("sizes"), args.pop("order_seeds")
+    try:
+        if study:
+            result = run_study(
+                study,
+                out_dir=args["out_dir"],
+                model=args["model"] or hyperfit.DEFAULT_MODEL,
+                data=args["data"],
+                sizes=int_list(sizes, "--sizes"),
+                order_seeds=int_list(seeds, "--order-seeds"),
+            )
+            folder = args["out_dir"] or f"results/studies/{study}"
+            print(f"done: {len(result['rows'])} runs (next: python plot.py {folder})")
+            return 0
         summary = evaluate(**args)
     except UsageError as e:
         print(f"evaluate.py: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    except KeyboardInterrupt:
+        print("evaluate.py: interrupted; nothing of this evaluation was written", file=sys.stderr)
+        return 130
     print(format_table(summary))
-    print(f"done in {summary['timing_s']['total_s']:.0f}s: {os.path.relpath(summary['args']['out_dir'])}"
-          + (f"  (next: python plot.py {args['run_dir']})" if args["run_dir"] else ""))
+    run = f"  (next: python plot.py {args['run_dir']})" if args["run_dir"] else ""
+    print(f"done in {summary['timing_s']['total_s']:.0f}s: {summary['args']['out_dir']}{run}")
+    return 0
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__" and "__file__" in globals():  # not when pasted into a notebook cell
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""evaluate.py's metrics on hand-computed cases and against the reference implementations (SimCTG's
+measure_repetition_and_diversity, nltk's and sacrebleu's BLEU, brute force). CPU, no model."""
+
+import math
+import random
+import time
+
+import numpy as np
+import pytest
+import sacrebleu
+from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+import evaluate
+import hyperfit
+
+
+def ngrams(ids, n):
+    return {tuple(ids[i : i + n]) for i in range(len(ids) - n + 1)}
+
+
+def brute_longest_span(ids, rows):
+    best = 0
+    for row in rows:
+        for i in range(len(ids)):
+            for j in range(len(row)):
+                length = 0
+                while (
+                    i + length < len(ids)
+                    and j + length < len(row)
+                    and ids[i + length] == row[j + length]
+                ):
+                    length += 1
+                best = max(best, length)
+    return best
+
+
+def sacre(hypothesis, references):
+    """sacrebleu's own sentence BLEU on token-id strings, with the smoothing evaluate.py uses."""
+    as_text = lambda ids: " ".join(map(str, ids))  # noqa: E731
+    return sacrebleu.sentence_bleu(
+        as_text(hypothesis),
+        [as_text(r) for r in references],
+        smooth_method="floor",
+        smooth_value=0.1,
+        tokenize="none",
+    ).score
+
+
+def simctg_reference(texts):
+    """SimCTG's measure_repetition_and_diversity, written from its published definition (per-text
+    unique and total n-gram counts of whitespace words, the loop stopping one n-gram before the
+    end, summed over texts; rep-n in percent rounded to 2 decimals; diversity from the rounded
+    values), independently of evaluate.simctg_repetition."""
+    reps = []
+    for n in (2, 3, 4):
+        unique = total = 0
+        for text in texts:
+            words = text.strip("\n").strip().split()
+            start, end, seen, count = 0, n, set(), 0
+            while end < len(words):
+                seen.add(" ".join(words[start:end]))
+                count, start, end = count + 1, start + 1, end + 1
+            unique, total = unique + len(seen), total + count
+        reps.append(round((1 - unique / total) * 100, 2))
+    return reps, (1 - reps[0] / 100) * (1 - reps[1] / 100) * (1 - reps[2] / 100)
+
+
+# -----------------------------------------------------------------------------
+# TTR in the paper's windows, and the kit's token-level variants
+
+
+def test_ttr_windows_of_the_paper():
+    ids = list(range(96)) + [7] * 160  # 96 distinct tokens, then one token repeated
+    assert evaluate.ttr_of_window(ids, 1, 96) == 1.0  # the paper's table: 96-token continuations
+    # the official validation: new tokens 129-224 (the last 96 of 224) are all the token 7
+    assert evaluate.ttr_of_window(ids, 129, 224) == pytest.approx(1 / 96)
+    assert hyperfit.type_token_ratio(ids, last=96) == pytest.approx(1 / 96)  # tokens 161-256
+    assert evaluate.ttr_of_window(ids[:200], 129, 224) is None  # shorter: no such window
+    mixed = list(range(48)) + [1, 2] * 24 + list(range(100, 228))  # 224 tokens
+    assert evaluate.ttr_of_window(mixed, 1, 96) == pytest.approx(48 / 96)  # 0..47 (1, 2 among)
+    assert evaluate.ttr_of_window(mixed, 129, 224) == 1.0
+
+
+def test_looping_sequence():
+    ids = [5, 6, 7, 8] * 6  # 24 tokens, 4 types
+    assert hyperfit.type_token_ratio(ids) == pytest.approx(4 / 24)
+    assert hyperfit.type_token_ratio(ids, last=96) == pytest.approx(4 / 24)  # shorter: all of it
+    assert hyperfit.type_token_ratio(ids, last=8) == pytest.approx(4 / 8)
+    assert evaluate.token_rep_n(ids, 2) == pytest.approx(1 - 4 / 23)  # 23 bigrams, 4 distinct
+    assert evaluate.token_rep_n(ids, 3) == pytest.approx(1 - 4 / 22)
+    assert evaluate.token_rep_n(ids, 4) == pytest.approx(1 - 4 / 21)
+    assert evaluate.token_diversity(ids) == pytest.approx((4 / 23) * (4 / 22) * (4 / 21))
+    assert evaluate.ends_in_loop(ids)
+    positions, ttrs = evaluate.ttr_windows(ids, window=8, stride=4)
+    assert positions == [8, 12, 16, 20, 24] and ttrs == pytest.approx([0.5] * 5)
+
+
+def test_all_distinct_tokens():
+    ids = list(range(100, 300))
+    assert hyperfit.type_token_ratio(ids) == 1.0 and hyperfit.type_token_ratio(ids, last=96) == 1.0
+    assert [evaluate.token_rep_n(ids, n) for n in (2, 3, 4)] == [0.0, 0.0, 0.0]
+    assert evaluate.token_diversity(ids) == 1.0
+    assert not evaluate.ends_in_loop(ids)
+    positions, ttrs = evaluate.ttr_windows(ids)  # the defaults: 96-token windows every 8 tokens
+    assert positions == list(range(96, 201, 8)) and ttrs == [1.0] * len(positions)
+    assert evaluate.ttr_windows(ids[:40])[0] == [40]  # shorter than the window: one window
+
+
+def test_ttr_windows_follow_a_sequence_that_starts_to_loop():
+    ids = list(range(16)) + [1, 2] * 8  # 16 distinct, then a period-2 loop
+    positions, ttrs = evaluate.ttr_windows(ids, window=16, stride=8)
+    assert positions == [16, 24, 32]
+    assert ttrs == pytest.approx([1.0, 10 / 16, 2 / 16])
+
+
+def test_ends_in_loop_definition():
+    assert evaluate.ends_in_loop([3] * 16) and not evaluate.ends_in_loop([3] * 15)  # p=1: 16 tokens
+    assert evaluate.ends_in_loop([9, 9, 9] + list(range(8)) * 2)  # p=8: two copies = 16 tokens
+    assert not evaluate.ends_in_loop([9] + list(range(7)) * 2)  # p=7: only 14 tokens
+    sentence = list(range(100, 130))
+    assert evaluate.ends_in_loop(list(range(50)) + sentence * 2)  # a 30-token sentence twice
+    assert not evaluate.ends_in_loop([1, 2, 3] * 10 + [4])  # a loop that was broken
+    long_unit = list(range(200, 270))
+    assert not evaluate.ends_in_loop(long_unit * 2)  # period 70 > LOOP_MAX_PERIOD
+    assert evaluate.ends_in_loop(long_unit * 2, max_period=70)
+
+
+def test_distinct_n_pools_the_set():
+    seqs = [[1, 2, 3], [1, 2, 4]]
+    assert evaluate.distinct_n(seqs, 1) == pytest.approx(4 / 6)
+    assert evaluate.distinct_n(seqs, 2) == pytest.approx(3 / 4)  # 12, 23, 24 of 4 bigrams
+    assert evaluate.distinct_n(seqs, 3) == pytest.approx(2 / 2)
+    assert evaluate.token_rep_n([1, 2], 3) == 0.0 and evaluate.distinct_n([[1]], 2) == 0.0
+
+
+# -----------------------------------------------------------------------------
+# SimCTG's repetition and diversity, exactly as its reference code
+
+
+def test_simctg_on_hand_computed_texts():
+    # "a b a b a": its loop stops one n-gram early, so the bigrams are ab, ba, ab (not the last
+    # ba): 2 unique of 3; trigrams aba, bab: 2 of 2; 4-grams abab: 1 of 1
+    texts = [
+        "a b a b a",
+        "  c d e f g\n",
+    ]  # cdef g: bigrams cd de ef (3 of 3); trigrams 2 of 2; 1 of 1
+    result = evaluate.simctg_repetition(texts)
+    assert result["simctg_rep_2"] == round((1 - 5 / 6) * 100, 2) == 16.67
+    assert result["simctg_rep_3"] == 0.0 and result["simctg_rep_4"] == 0.0
+    assert result["simctg_diversity"] == pytest.approx((1 - 0.1667) * 1 * 1)
+    assert evaluate.simctg_repetition(["one two"])["simctg_rep_2"] is None  # no bigram counted
+
+
+def test_simctg_equals_its_reference_code_on_random_texts():
+    rng = random.Random(0)
+    for _ in range(30):
+        words = [
+            rng.choice("the a of cat sat on mat . ,".split()) for _ in range(rng.randint(5, 60))
+        ]
+        texts = [" ".join(words[i:]) for i in range(0, len(words), 17)]
+        reps, diversity = simctg_reference(texts)
+        result = evaluate.simctg_repetition(texts)
+        assert [result[f"simctg_rep_{n}"] for n in (2, 3, 4)] == reps
+        assert result["simctg_diversity"] == pytest.approx(diversity, abs=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# BLEU: sacrebleu's (token ids) and nltk's (Texygen, words)
+
+
+def test_known_bleu():
+    hyp, ref = [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7]
+    expected = 100 * (5 / 6 * 4 / 5 * 3 / 4 * 2 / 3) ** 0.25  # clipped precisions, no brevity
+    assert evaluate.self_bleu4([hyp, ref]) == pytest.approx([expected, expected])
+    assert evaluate.dataset_bleu4(hyp, evaluate.TrainingIndex([ref])) == pytest.approx(expected)
+    assert evaluate.self_bleu4([hyp, hyp, hyp]) == pytest.approx([100.0] * 3)
+    assert evaluate.self_bleu4([hyp]) == [None]  # no other generation to compare with
+    # floor smoothing: no 4-gram match -> 0.1 / 3 for the 4-gram precision (Chen & Cherry method 1)
+    smoothed = 100 * (5 / 6 * 3 / 5 * 1 / 4 * (0.1 / 3)) ** 0.25
+    assert evaluate.self_bleu4([[1, 2, 3, 9, 5, 6], [1, 2, 3, 4, 5, 6]])[0] == pytest.approx(
+        smoothed
+    )
+
+
+def test_bleu_equals_sacrebleu_with_explicit_references():
+    rng = random.Random(0)
+    for trial in range(20):
+        vocab = rng.choice([3, 6, 30])
+        seqs = [
+            [rng.randrange(vocab) for _ in range(rng.randint(1, 25))]
+            for _ in range(rng.randint(2, 6))
+        ]
+        self_bleu = evaluate.self_bleu4(seqs)
+        for k, hyp in enumerate(seqs):
+            expected = sacre(hyp, seqs[:k] + seqs[k + 1 :])
+            assert self_bleu[k] == pytest.approx(expected, abs=1e-9), (trial, k)
+        train = [[rng.randrange(vocab) for _ in range(12)] for _ in range(5)]
+        index = evaluate.TrainingIndex(train)
+        for hyp in seqs:
+            assert evaluate.dataset_bleu4(hyp, index) == pytest.approx(sacre(hyp, train), abs=1e-9)
+
+
+def test_texygen_self_bleu_equals_nltk_sentence_bleu():
+    """Texygen's Self-BLEU: nltk's sentence_bleu(other texts' words, text's words, method1) x 100,
+    including nltk's own rules for very short texts and texts sharing no word."""
+    rng = random.Random(1)
+    vocabulary = "the cat sat on a mat , and dog ran . she said hello to him".split()
+    method1 = SmoothingFunction().method1
+    for trial in range(25):
+        texts = [
+            " ".join(rng.choice(vocabulary) for _ in range(rng.randint(1, 30)))
+            for _ in range(rng.randint(2, 6))
+        ]
+        texts.append("zebra quokka")  # shares no word with any other text: 0
+        words = [evaluate.words(t) for t in texts]
+        ours = evaluate.self_bleu4_texygen(texts)
+        for k in range(len(texts)):
+            references = words[:k] + words[k + 1 :]
+            expected = 100 * sentence_bleu(references, words[k], smoothing_function=method1)
+            assert ours[k] == pytest.approx(expected, abs=1e-9), (trial, k, texts[k])
+
+
+def test_texygen_words_are_nltks_treebank_words():
+    """nltk's Treebank tokenizer on the whole text: a period inside the text stays on its word
+    ("go."), where Texygen's word_tokenize would first split sentences with punkt (data that needs
+    a download) and split it off; the text's final period is split off either way."""
+    assert evaluate.words('She said, "Don\'t go." Then left.') == [
+        "She",
+        "said",
+        ",",
+        "``",
+        "Do",
+        "n't",
+        "go.",
+        "''",
+        "Then",
+        "left",
+        ".",
+    ]
+
+
+# -----------------------------------------------------------------------------
+# memorisation and the original model's ranks
+
+
+def test_longest_shared_span():
+    train = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]]
+    index = evaluate.TrainingIndex(train)
+    assert evaluate.longest_shared_span([0, 3, 4, 5, 6, 7, 8, 9], index) == 4  # 6 -> 7 crosses
+    assert evaluate.longest_shared_span([0, 0, 0], index) == 0
+    rng = np.random.RandomState(0)  # random data, spans far beyond the 11-token anchor
+    train = rng.randint(0, 6, (8, 40))  # small vocabulary: many short chance matches
+    index = evaluate.TrainingIndex(train)
+    for _ in range(12):
+        ids = rng.randint(0, 6, 50)
+        length, row, at, col = (
+            rng.randint(3, 35),
+            rng.randint(8),
+            rng.randint(0, 15),
+            rng.randint(0, 5),
+        )
+        ids[at : at + length] = train[row, col : col + length][: 50 - at]
+        assert evaluate.longest_shared_span(ids.tolist(), index) == brute_longest_span(
+            ids.tolist(), train.tolist()
+        )
+
+
+def test_override_statistics_on_hand_made_ranks():
+    ranks = [[1, 1, 2, 15, 1], [1, 200, 4, 1, 7]]  # 10 tokens: 5 the original's top-1, 5 overrides
+    stats = evaluate.override_statistics(ranks)
+    assert stats["original_top1_share"] == 0.5
+    assert stats["override_beyond_top10_share"] == pytest.approx(2 / 5)  # ranks 15 and 200
+    assert stats["override_rank_shares"] == pytest.approx(
+        {"2": 1 / 5, "3-5": 1 / 5, "6-10": 1 / 5, "11-100": 1 / 5, ">100": 1 / 5}
+    )
+
+
+def test_metrics_are_fast_enough():
+    """The paper's scale: 300 generations x 256 tokens against 2,000 x 256 training tokens.
+    Measured, not asserted tightly (the CPU is shared); 60 s is a loose ceiling."""
+    rng = np.random.RandomState(1)
+    train = rng.randint(0, 49152, (2000, 256))
+    gens = rng.randint(0, 3000, (300, 256))
+    gens[:30, 20:120] = train[:30, :100]  # some memorised
+    start = time.time()
+    index = evaluate.TrainingIndex(train)
+    spans = [evaluate.longest_shared_span(g, index) for g in gens]
+    evaluate.self_bleu4(gens.tolist())
+    [evaluate.dataset_bleu4(g, index) for g in gens]
+    texts = [" ".join(f"w{t % 500}" for t in g) for g in gens]
+    evaluate.self_bleu4_texygen(texts)
+    evaluate.simctg_repetition(texts)
+    assert max(spans) == 100 and time.time() - start < 60
+    assert math.isfinite(evaluate.self_bleu4_texygen(texts[:5])[0])
