@@ -1,4 +1,5 @@
 """Tests for plot.py on small synthetic run folders (CPU, a few seconds)."""
+
 import json
 import math
 import subprocess
@@ -15,42 +16,72 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import plot  # noqa: E402
 
-MODES = ["original_greedy", "original_top_p", "original_entropy_matched",
-         "hyperfitted_greedy", "hyperfitted_blocked"]
+MODES = [
+    "original_greedy",
+    "original_top_p",
+    "original_entropy_matched",
+    "hyperfitted_greedy",
+    "hyperfitted_blocked",
+]
 
 
 # -----------------------------------------------------------------------------
 # synthetic result files, in the formats hyperfit.py / evaluate.py write
 
+
 def metrics_records(num_epochs=4, steps_per_epoch=10, scale=1.0):
     """Step 0 (original model) plus one validation per epoch, shaped like hyperfitting."""
     records = []
     for e in range(num_epochs + 1):
-        records.append({
-            "step": e * steps_per_epoch, "epoch": float(e), "elapsed_s": 3.0 * e,
-            "train_loss": None if e == 0 else scale * 3.0 * math.exp(-1.5 * e),
-            "val_loss": scale * (3.0 + 0.4 * e), "val_entropy": 3.0 / (1 + e),
-            "val_top1_prob": 0.3 + 0.15 * e, "ttr_last96": 0.2 + 0.15 * e, "lr": 1e-6,
-        })
+        records.append(
+            {
+                "step": e * steps_per_epoch,
+                "epoch": float(e),
+                "elapsed_s": 3.0 * e,
+                "train_loss": None if e == 0 else scale * 3.0 * math.exp(-1.5 * e),
+                "val_loss": scale * (3.0 + 0.4 * e),
+                "val_entropy": 3.0 / (1 + e),
+                "val_top1_prob": 0.3 + 0.15 * e,
+                "ttr_last96": 0.2 + 0.15 * e,
+                "lr": 1e-6,
+            }
+        )
     return records
 
 
 def write_run(root, name="run", records=None, extra_text="", eval_dir=True):
-    """A run folder with config.json, metrics.jsonl and (optionally) eval/summary.json, generations.jsonl,
-    table.md. `extra_text` is appended raw to metrics.jsonl (e.g. a half-written line)."""
+    """A run folder with config.json, metrics.jsonl and (optionally) eval/summary.json,
+    generations.jsonl, table.md. `extra_text` is appended raw to metrics.jsonl (e.g. a
+    half-written line)."""
     run = Path(root) / name
     run.mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({
-        "run_name": name, "steps_per_epoch": 10, "git_commit": "abcdef1234567",
-        "args": {"model": "tiny-test-model", "epochs": 4, "lr": 1e-6, "seq_len": 256, "num_train": 2000}}))
+    (run / "config.json").write_text(
+        json.dumps(
+            {
+                "run_name": name,
+                "steps_per_epoch": 10,
+                "git_commit": "abcdef1234567",
+                "args": {
+                    "model": "tiny-test-model",
+                    "epochs": 4,
+                    "lr": 1e-6,
+                    "seq_len": 256,
+                    "num_train": 2000,
+                },
+            }
+        )
+    )
     records = metrics_records() if records is None else records
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + extra_text)
     if eval_dir:
         (run / "eval").mkdir()
         (run / "eval" / "summary.json").write_text(json.dumps(summary()))
         (run / "eval" / "generations.jsonl").write_text(
-            "".join(json.dumps(g) + "\n" for g in generations()))
-        (run / "eval" / "table.md").write_text("| mode | TTR |\n|---|---|\n| hyperfitted greedy | 0.81 |\n")
+            "".join(json.dumps(g) + "\n" for g in generations())
+        )
+        (run / "eval" / "table.md").write_text(
+            "| mode | TTR |\n|---|---|\n| hyperfitted greedy | 0.81 |\n"
+        )
     return run
 
 
@@ -60,27 +91,52 @@ def summary():
         positions = list(range(32, 257, 16))
         modes[mode] = {
             "n": 8,
-            "metrics": {"ttr_last96": {"mean": 0.2 + 0.1 * i, "std": 0.05},
-                        "diversity": {"mean": 0.3 + 0.1 * i, "std": None},
-                        "self_bleu4": {"mean": 0.5 - 0.05 * i, "std": 0.02},
-                        "dataset_bleu4": {"mean": 0.1, "std": 0.01}},
-            "ttr_by_position": {"window": 32, "positions": positions,
-                                "mean": [0.9 - 0.001 * p * (5 - min(i, 5)) / 5 for p in positions],
-                                "std": [0.05] * len(positions)}}
-    return {"run": "results/x", "args": {}, "modes": modes,
-            "entropy_matched_temperature": {"temperature": 0.71, "target_entropy": 1.0, "achieved_entropy": 1.01}}
+            "metrics": {
+                "ttr_first96": {"mean": 0.2 + 0.1 * i, "std": 0.05},
+                "simctg_diversity": {"mean": 0.3 + 0.1 * i, "std": None},
+                "self_bleu4_texygen_first96": {"mean": 0.5 - 0.05 * i, "std": 0.02},
+                "dataset_bleu4_first96": {"mean": 0.1, "std": 0.01},
+            },
+            "ttr_by_position": {
+                "window": 32,
+                "positions": positions,
+                "mean": [0.9 - 0.001 * p * (5 - min(i, 5)) / 5 for p in positions],
+                "std": [0.05] * len(positions),
+            },
+        }
+    return {
+        "run": "results/x",
+        "args": {},
+        "modes": modes,
+        "entropy_matched_temperature": {
+            "temperature": 0.71,
+            "target_entropy": 1.0,
+            "achieved_entropy": 1.01,
+        },
+    }
 
 
 def generations():
     """Two prompts x two modes; prompt 0 / original_greedy repeats the 3-gram (1,2,3)."""
     out = []
     for prompt_id in range(2):
-        for mode, ids in [("original_greedy", [1, 2, 3, 4, 1, 2, 3]),
-                          ("hyperfitted_greedy", [5, 6, 7, 8, 9, 10, 11])]:
+        for mode, ids in [
+            ("original_greedy", [1, 2, 3, 4, 1, 2, 3]),
+            ("hyperfitted_greedy", [5, 6, 7, 8, 9, 10, 11]),
+        ]:
             tokens = [f" w{t}" for t in ids]
             tokens[0] = " <b>&"  # must be HTML-escaped
-            out.append({"mode": mode, "prompt_id": prompt_id, "prompt_text": f"Prompt {prompt_id} text",
-                        "text": "".join(tokens), "tokens": tokens, "token_ids": ids, "ttr_last96": 0.5})
+            out.append(
+                {
+                    "mode": mode,
+                    "prompt_id": prompt_id,
+                    "prompt_text": f"Prompt {prompt_id} text",
+                    "text": "".join(tokens),
+                    "tokens": tokens,
+                    "token_ids": ids,
+                    "ttr_first96": 0.5,
+                }
+            )
     return out
 
 
@@ -97,9 +153,10 @@ def expected_size(figsize):
 # -----------------------------------------------------------------------------
 # figures
 
+
 @pytest.fixture(scope="module")
 def plotted_run(tmp_path_factory):
-    """One full run folder drawn once by plot_run (with SVGs); shared because rendering is the slow part."""
+    """One full run folder drawn once by plot_run (with SVGs); shared: rendering is slow."""
     run = write_run(tmp_path_factory.mktemp("plotted"))
     return run, plot.plot_run(run, svg=True)
 
@@ -124,25 +181,42 @@ def test_training_curves_single_run_panels_and_reference_lines(tmp_path):
     loss_ax, entropy_ax, top1_ax, ttr_ax = fig.axes
     assert loss_ax.get_yscale() == "log"
     assert "epoch" in ttr_ax.get_xlabel() and "nats" in entropy_ax.get_ylabel()
-    train_line = next(l for l in loss_ax.lines if l.get_gid() == "train_loss/run")
-    assert list(train_line.get_xdata()) == [1.0, 2.0, 3.0, 4.0]  # step 0 has train_loss null: skipped
+    train_line = next(line for line in loss_ax.lines if line.get_gid() == "train_loss/run")
+    assert list(train_line.get_xdata()) == [
+        1.0,
+        2.0,
+        3.0,
+        4.0,
+    ]  # step 0 has train_loss null: skipped
     # step-0 values as dashed horizontal reference lines
-    refs = [l for l in entropy_ax.lines if l.get_linestyle() == "--"]
+    refs = [line for line in entropy_ax.lines if line.get_linestyle() == "--"]
     assert len(refs) == 1 and list(refs[0].get_ydata()) == [3.0, 3.0]
-    assert [l.get_linestyle() for l in top1_ax.lines].count("--") == 1
+    assert [line.get_linestyle() for line in top1_ax.lines].count("--") == 1
     steps = plot.plot_training_curves(run, x="step").axes[0]
-    assert max(next(l for l in steps.lines if l.get_gid() == "train_loss/run").get_xdata()) == 40
+    assert (
+        max(next(line for line in steps.lines if line.get_gid() == "train_loss/run").get_xdata())
+        == 40
+    )
 
 
 def test_overlay_of_three_runs_has_one_train_line_per_run(tmp_path):
-    runs = [write_run(tmp_path, f"run{i}", metrics_records(scale=1 + i), eval_dir=False) for i in range(3)]
+    runs = [
+        write_run(tmp_path, f"run{i}", metrics_records(scale=1 + i), eval_dir=False)
+        for i in range(3)
+    ]
     fig = plot.plot_training_curves([str(r) for r in runs])
     loss_ax = fig.axes[0]
-    train = [l for l in loss_ax.lines if str(l.get_gid()).startswith("train_loss/")]
-    assert sorted(l.get_gid() for l in train) == ["train_loss/run0", "train_loss/run1", "train_loss/run2"]
-    assert len({l.get_color() for l in train}) == 3 and all(l.get_linestyle() == "-" for l in train)
-    val = [l for l in loss_ax.lines if str(l.get_gid()).startswith("val_loss/")]
-    assert len(val) == 3 and all(l.get_linestyle() == "--" for l in val)
+    train = [line for line in loss_ax.lines if str(line.get_gid()).startswith("train_loss/")]
+    assert sorted(line.get_gid() for line in train) == [
+        "train_loss/run0",
+        "train_loss/run1",
+        "train_loss/run2",
+    ]
+    assert len({line.get_color() for line in train}) == 3 and all(
+        line.get_linestyle() == "-" for line in train
+    )
+    val = [line for line in loss_ax.lines if str(line.get_gid()).startswith("val_loss/")]
+    assert len(val) == 3 and all(line.get_linestyle() == "--" for line in val)
     assert [t.get_text() for t in loss_ax.get_legend().get_texts()] == ["run0", "run1", "run2"]
 
 
@@ -155,12 +229,15 @@ def test_decoding_comparison_bars_and_colours(tmp_path):
     assert colors[:5] == [plot.MODE_COLORS[m] for m in MODES]  # display order, consistent colours
     assert colors[5] in plot.FALLBACK_COLORS
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert labels[2] == "original, entropy-matched T=0.71" and labels[4] == "hyperfitted + citation blocking"
+    assert (
+        labels[2] == "original, entropy-matched T=0.71"
+        and labels[4] == "hyperfitted + citation blocking"
+    )
     # summary path and a summary with some metrics missing work too
     path = tmp_path / "summary.json"
     partial = summary()
     for info in partial["modes"].values():
-        del info["metrics"]["dataset_bleu4"]
+        del info["metrics"]["dataset_bleu4_first96"]
     path.write_text(json.dumps(partial))
     assert len(plot.plot_decoding_comparison(path).axes) == 3
 
@@ -169,12 +246,15 @@ def test_ttr_by_position_one_line_per_mode():
     fig = plot.plot_ttr_by_position(summary())
     ax = fig.axes[0]
     assert len(ax.lines) == 6 and len(ax.collections) == 6  # line + std band per mode
-    assert matplotlib.colors.to_hex(ax.lines[3].get_color()) == plot.MODE_COLORS["hyperfitted_greedy"]
+    assert (
+        matplotlib.colors.to_hex(ax.lines[3].get_color()) == plot.MODE_COLORS["hyperfitted_greedy"]
+    )
     assert "32" in ax.get_ylabel()
 
 
 # -----------------------------------------------------------------------------
 # repetition HTML
+
 
 def test_repeated_ngram_mask_flags_only_the_repeat():
     assert plot.repeated_ngram_mask([1, 2, 3, 4, 1, 2, 3], 3) == [False] * 6 + [True]
@@ -185,20 +265,22 @@ def test_repeated_ngram_mask_flags_only_the_repeat():
 
 def test_repetition_html_marks_repeated_tokens(tmp_path):
     run = write_run(tmp_path)
-    out = plot.write_repetition_html(run / "eval" / "generations.jsonl", tmp_path / "rep.html", num_prompts=1)
-    page = Path(out).read_text()
+    page = plot.repetition_html(run / "eval" / "generations.jsonl", num_prompts=1)
     assert page.count("<h2>") == 1  # num_prompts respected
     assert "<span class='tok rep'> w3</span>" in page  # the repeated 3-gram (1,2,3) ends here
     assert page.count("<span class='tok rep'>") == 2  # that token + the legend example
     for fresh in [" w4", " w2", " w11"]:
         assert f"<span class='tok'>{fresh}</span>" in page
     assert "<b>&" not in page and "&lt;b&gt;&amp;" in page  # escaped
-    assert "http://" not in page and "https://" not in page and "<script" not in page  # self-contained
+    assert (
+        "http://" not in page and "https://" not in page and "<script" not in page
+    )  # self-contained
     assert page.index("original greedy") < page.index("hyperfitted greedy")
 
 
 # -----------------------------------------------------------------------------
 # robustness, report, CLI
+
 
 def test_half_written_last_line_is_skipped_with_warning(tmp_path):
     run = write_run(tmp_path, extra_text='{"step": 50, "epoch": 5.0, "val_lo', eval_dir=False)
@@ -207,21 +289,38 @@ def test_half_written_last_line_is_skipped_with_warning(tmp_path):
     assert len(records) == 5 and records[-1]["step"] == 40
     with pytest.warns(UserWarning):  # the figure is drawn from the 5 good lines
         fig = plot.plot_training_curves(run)
-    assert len(next(l for l in fig.axes[0].lines if l.get_gid() == "val_loss/run").get_xdata()) == 5
+    assert (
+        len(
+            next(line for line in fig.axes[0].lines if line.get_gid() == "val_loss/run").get_xdata()
+        )
+        == 5
+    )
 
 
 def test_old_metrics_without_some_fields_still_plot(tmp_path):
-    records = [{"step": r["step"], "epoch": r["epoch"], "val_loss": r["val_loss"]} for r in metrics_records()]
+    records = [
+        {"step": r["step"], "epoch": r["epoch"], "val_loss": r["val_loss"]}
+        for r in metrics_records()
+    ]
     run = write_run(tmp_path, records=records, eval_dir=False)
     fig = plot.plot_training_curves(run)
-    assert len(next(l for l in fig.axes[0].lines if l.get_gid() == "val_loss/run").get_xdata()) == 5
+    assert (
+        len(
+            next(line for line in fig.axes[0].lines if line.get_gid() == "val_loss/run").get_xdata()
+        )
+        == 5
+    )
 
 
 def test_report_links_figures_and_embeds_table(plotted_run):
     run, _ = plotted_run
     report = (run / "report.md").read_text()
-    for link in ["(training_curves.png)", "(eval/decoding_comparison.png)", "(eval/ttr_by_position.png)",
-                 "(eval/repetition.html)"]:
+    for link in [
+        "(training_curves.png)",
+        "(eval/decoding_comparison.png)",
+        "(eval/ttr_by_position.png)",
+        "(eval/repetition.html)",
+    ]:
         assert link in report
     assert "| hyperfitted greedy | 0.81 |" in report  # eval/table.md embedded
     assert "| validation loss | 3 | 4.6 |" in report  # first vs last val_loss
@@ -229,8 +328,13 @@ def test_report_links_figures_and_embeds_table(plotted_run):
 
 
 def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, str(ROOT / "plot.py"), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "plot.py"), *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys):
@@ -242,8 +346,10 @@ def test_cli_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, capsys
     (garbage / "metrics.jsonl").write_text('{not json\n{"step": 0, "val\n')
     before = sorted(tmp_path.rglob("*"))
     # as a real process: exit status and the exact stderr (warnings must not add lines)
-    for args, message in [(["missing"], "missing is not a folder"),
-                          ([good, garbage, "--out", tmp_path / "cmp.png"], "no readable lines")]:
+    for args, message in [
+        (["missing"], "missing is not a folder"),
+        ([good, garbage, "--out", tmp_path / "cmp.png"], "no readable lines"),
+    ]:
         result = run_cli(*args, cwd=tmp_path)
         assert result.returncode == 2, result.stderr
         assert result.stderr.startswith("plot.py: ") and message in result.stderr
@@ -260,12 +366,94 @@ def test_cli_overlay_and_single_run(tmp_path, capsys):
     result = run_cli(*runs, "--x", "step", "--svg", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = tmp_path / "results" / "compare_training_curves.png"
-    assert png_size(out) == expected_size(plot.TRAINING_FIGSIZE) and out.with_suffix(".svg").exists()
+    assert (
+        png_size(out) == expected_size(plot.TRAINING_FIGSIZE) and out.with_suffix(".svg").exists()
+    )
     assert str(out.relative_to(tmp_path)) in result.stdout
-    assert not (runs[0] / "training_curves.png").exists()  # overlay only, nothing in the run folders
+    assert not (
+        runs[0] / "training_curves.png"
+    ).exists()  # overlay only, nothing in the run folders
     assert plot.main([str(runs[0])]) == 0  # one run: plot_run
     assert (runs[0] / "training_curves.png").exists() and (runs[0] / "report.md").exists()
     assert str(runs[0] / "report.md") in capsys.readouterr().out
     with pytest.raises(SystemExit):
         plot.main(["--help"])
     assert "--svg" in capsys.readouterr().out
+
+
+def test_a_truncated_summary_is_one_line_and_nothing_is_written(tmp_path, capsys):
+    """Every input is read before the first file is written: a broken eval/summary.json must not
+    leave a new training_curves.png behind."""
+    run = write_run(tmp_path)
+    (run / "eval" / "summary.json").write_text('{"run": "x", "modes": {"orig')
+    before = sorted(run.rglob("*"))
+    assert plot.main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "summary.json is not readable JSON" in err
+    assert sorted(run.rglob("*")) == before
+
+
+def test_report_links_the_paper_comparison_and_the_annotation_page(tmp_path):
+    run = write_run(tmp_path)
+    (run / "eval" / "paper_comparison.md").write_text("# beside the paper")
+    (run / "eval" / "annotate.html").write_text("<html></html>")
+    plot.plot_run(run)
+    report = (run / "report.md").read_text()
+    assert "(eval/paper_comparison.md)" in report and "(eval/annotate.html)" in report
+
+
+def study_json(kind):
+    rows = []
+    for i, size in enumerate([8, 16, 32] if kind == "data_size" else [16, 16]):
+        rows.append(
+            {
+                "run": f"n{size}" if kind == "data_size" else f"order{i}",
+                "num_train": size,
+                "order_seed": None if kind == "data_size" else i,
+                "steps": size // 8 * 10,
+                "train_loss": 0.5 / (i + 1),
+                "val_loss": 4 + i,
+                "val_entropy": 2 - 0.3 * i,
+                "val_top1_prob": 0.4 + 0.1 * i,
+                "wall_s": 100.0 * (i + 1),
+                "hyperfitted_greedy.ttr_first96": 0.4 + 0.1 * i,
+                "hyperfitted_blocked.ttr_first96": 0.35 + 0.1 * i,
+                "original_greedy.ttr_first96": 0.2,
+                "hyperfitted_greedy.overlap_gt10_share_first96": 0.3 / (i + 1),
+                "hyperfitted_greedy.dataset_bleu4_first96": 10.0 - i,
+                "hyperfitted_greedy.self_bleu4_texygen_first96": 20.0 - i,
+            }
+        )
+    study = {
+        "study": kind,
+        "paper": "a claim",
+        "rows": rows,
+        "command": f"python evaluate.py --study {kind}",
+        "training": {"model": "smollm2-135m", "seq_len": 64},
+        "evaluation": {"new_tokens": 96},
+    }
+    if kind == "shuffle":
+        study["comparison"] = {
+            "pairs": [{"runs": ["order0", "order1"], "top1_differs": 0.27}],
+            "top1_agreement_with_original": {"order0": 0.4, "order1": 0.41},
+        }
+    return study
+
+
+@pytest.mark.parametrize("kind", ["data_size", "shuffle"])
+def test_a_study_gets_its_figure_and_report(tmp_path, capsys, kind):
+    folder = tmp_path / kind
+    folder.mkdir()
+    (folder / "study.json").write_text(json.dumps(study_json(kind)))
+    assert plot.main([str(folder)]) == 0
+    assert png_size(folder / "study.png")[0] > 0
+    report = (folder / "report.md").read_text()
+    assert "![study](study.png)" in report and "a claim" in report
+    rows = [line for line in report.splitlines() if line.startswith("| [")]
+    assert len(rows) == len(study_json(kind)["rows"])
+    if kind == "shuffle":
+        assert "order0 vs order1: 0.270" in report
+    else:
+        axes = plot.plot_study(study_json(kind)).axes
+        assert axes[0].get_xscale() == "log"  # data size on a log axis
+        assert any(line.get_label().startswith("paper") for line in axes[0].lines)
