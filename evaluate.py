@@ -77,6 +77,7 @@ Metric definitions ("tokens" are the model's token ids; a continuation excludes 
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import html
 import json
@@ -182,6 +183,12 @@ class NGramBlocker:
         windows = torch.as_tensor(train_ids).unfold(1, n, 1).reshape(-1, n).unique(dim=0)
         for *prefix, token in windows.tolist():  # each n-gram once (unique), so no duplicate bans
             self.next_tokens.setdefault(tuple(prefix), []).append(token)
+
+    def for_rows(self, rows):
+        """The same blocker (the same index, not rebuilt) limited to the batch rows `rows`."""
+        blocker = copy.copy(self)
+        blocker.rows = rows
+        return blocker
 
     def __call__(self, input_ids, scores):
         length = input_ids.shape[1]
@@ -820,47 +827,96 @@ def measure_sharpness(nets, data, modes):
     return sharpness, matched
 
 
-def decoding_options(mode, options, matched):
-    """generate()'s sampling arguments of a decoding mode (greedy: none)."""
+class RowSampler:
+    """A logits processor that samples the next token of the batch rows `rows` (a range) as
+    transformers' sampling does (temperature, then top-k, then top-p, then a draw from the
+    softmax) and leaves the other rows alone: a sampled row's scores become -inf but for the drawn
+    token, which greedy decoding then takes. So greedy, sampled and citation-blocked modes of one
+    model share a batch, and a CPU step costs about the same for 96 rows as for 32 separately
+    (the weights are read once). Draws come from its own generator, seeded: the first k tokens
+    of a sampled continuation are exactly a k-token sample."""
+
+    def __init__(self, rows, temperature, top_p, top_k, seed):
+        from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        self.rows = rows
+        self.warpers = [TemperatureLogitsWarper(temperature)]
+        self.warpers += [TopKLogitsWarper(top_k)] if top_k else []
+        self.warpers += [TopPLogitsWarper(top_p)] if top_p < 1 else []
+        self.generator = torch.Generator().manual_seed(seed % hyperfit.SEED_LIMIT)
+
+    def __call__(self, input_ids, scores):
+        part = scores[self.rows.start : self.rows.stop]  # a view: edits reach `scores`
+        warped = part.clone()
+        for warp in self.warpers:
+            warped = warp(input_ids[self.rows.start : self.rows.stop], warped)
+        probs = torch.softmax(warped.float(), dim=-1).cpu()
+        tokens = torch.multinomial(probs, 1, generator=self.generator).to(scores.device)
+        part.fill_(-math.inf)
+        part.scatter_(1, tokens, 0.0)
+        return scores
+
+
+def mode_processor(mode, rows, options, matched, blocker, seed):
+    """The logits processor that turns greedy decoding into `mode` on the batch rows `rows`."""
     if mode == "original_top_p":
-        return dict(
-            do_sample=True,
-            temperature=options["temperature"],
-            top_p=options["top_p"],
-            top_k=options["top_k"],
-        )
+        return RowSampler(rows, options["temperature"], options["top_p"], options["top_k"], seed)
     if mode == "original_entropy_matched":  # pure temperature sampling
-        return dict(do_sample=True, temperature=matched["temperature"], top_p=1.0, top_k=0)
-    return {}
+        return RowSampler(rows, matched["temperature"], 1.0, 0, seed)
+    if mode == "hyperfitted_blocked":
+        return blocker.for_rows(rows)
+    return None  # greedy
+
+
+def chunk_processors(chunk, options, matched, blocker, start):
+    """The logits processors of one batch of (mode, prompt) rows that starts at row `start`."""
+    processors = []
+    for mode in dict.fromkeys(mode for mode, _ in chunk):  # the batch's modes, in order
+        span = [j for j, (m, _) in enumerate(chunk) if m == mode]
+        seed = options["seed"] * 1_000_003 + MODES.index(mode) * 10_007 + start
+        rows = range(span[0], span[-1] + 1)
+        processor = mode_processor(mode, rows, options, matched, blocker, seed)
+        processors += [processor] if processor is not None else []
+    return processors
 
 
 def generate_modes(nets, data, modes, options, matched, progress):
     """Every mode's continuations of the prompts (LongTensor [P, new_tokens] each) and the seconds
-    each took."""
-    continuations, timing = {}, {}
-    for mode in modes:
+    each model took. The modes of one model share batches of options["batch_size"] rows (mode
+    after mode, prompt after prompt): same prompts, batch size and seed -> same continuations."""
+    prompts, new_tokens = data["prompts"], options["new_tokens"]
+    blocker = None
+    if "hyperfitted_blocked" in modes:
+        blocker = NGramBlocker(data["train"], options["block_ngrams"])
+    outputs, timing = {mode: [] for mode in modes}, {}
+    for which in ("original", "hyperfitted"):
+        group = [mode for mode in modes if Nets.mode_model(mode) == which]
+        rows = [(mode, i) for mode in group for i in range(len(prompts))]
         clock = time.time()
-        kwargs = decoding_options(mode, options, matched)
-        if mode == "hyperfitted_blocked":
-            kwargs["logits_processor"] = [NGramBlocker(data["train"], options["block_ngrams"])]
-        with nets.use(Nets.mode_model(mode)) as net:
-            continuations[mode] = hyperfit.generate(
-                net,
-                data["prompts"],
-                options["new_tokens"],
-                batch_size=options["batch_size"],
-                seed=options["seed"],
-                desc=mode if progress else None,
-                **kwargs,
-            )
-        timing[f"{mode}_s"] = time.time() - clock
-        if progress:
+        for start in range(0, len(rows), options["batch_size"]):
+            chunk = rows[start : start + options["batch_size"]]
+            processors = chunk_processors(chunk, options, matched, blocker, start)
+            desc = f"{which}: {', '.join(group)}" if progress else None
+            with nets.use(which) as net:
+                out = hyperfit.generate(
+                    net,
+                    prompts[[i for _, i in chunk]],
+                    new_tokens,
+                    batch_size=len(chunk),
+                    logits_processor=processors,
+                    desc=desc,
+                )
+            for (mode, _), row in zip(chunk, out):
+                outputs[mode].append(row)
+        if group:
+            timing[f"generate_{which}_s"] = time.time() - clock
+        if group and progress:
             print(
-                f"{mode}: {len(data['prompts'])} x {options['new_tokens']} tokens in "
-                f"{timing[f'{mode}_s']:.0f}s",
+                f"{which} model: {len(rows)} continuations x {new_tokens} tokens in "
+                f"{timing[f'generate_{which}_s']:.0f}s",
                 flush=True,
             )
-    return continuations, timing
+    return {mode: torch.stack(outputs[mode]) for mode in modes}, timing
 
 
 def measure_mode(mode, data, continuations, index, tokenizer, scores):

@@ -41,6 +41,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 
 # -----------------------------------------------------------------------------
 # settings: the paper's protocol, the kit's own defaults, and presets that name a model
@@ -129,6 +130,7 @@ SETTING_HELP = {  # the command line's help for every setting, in the order --he
 }
 SETTING_TYPES = dict(data=str, run_name=str, out_dir=str, quant=str, dtype=str, lr=float)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LOSS_CHUNK_TOKENS = 256  # positions per chunk of the training loss (x vocabulary x 4 bytes each)
 TTR_WINDOW = 96  # the paper's TTR: unique / total tokens over the last 96 generated tokens
 DTYPES = dict(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.float16)
 DTYPE_ALIASES = dict(fp32="float32", bf16="bfloat16", fp16="float16", auto="auto")
@@ -651,6 +653,7 @@ def dense_copy(net):
 
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     base = net.get_base_model() if hasattr(net, "get_base_model") else net
     config = copy.deepcopy(base.config)
@@ -659,7 +662,8 @@ def dense_copy(net):
     # fp32 on a CPU: the exact function, whatever the compute dtype (merging LoRA into bf16
     # weights would round its small updates away); the compute dtype on a GPU, where it is fast
     dtype = torch.float32 if base.device.type == "cpu" else net_dtype(net)
-    dense = AutoModelForCausalLM.from_config(config, dtype=dtype).to(base.device)
+    with no_init_weights():  # every weight is set below: skip the random init (seconds on a CPU)
+        dense = AutoModelForCausalLM.from_config(config, dtype=dtype).to(base.device)
     state = {}
     for key in dense.state_dict():
         module_name, _, leaf = key.rpartition(".")
@@ -937,13 +941,58 @@ def type_token_ratio(ids, last=None):
 # the training step (the paper's, in 4-bit + LoRA): one function, read it top to bottom
 
 
-def loss_sum(net, ids):
-    """Sum over the batch of the next-token cross-entropies (nats), computed in fp32."""
+class FinalHiddenStates:
+    """A forward pre-hook for the output layer: it keeps the layer's input (the final hidden
+    states) and hands the layer an empty slice, so the model's forward computes no logits."""
+
+    def __init__(self):
+        self.hidden = None
+
+    def __call__(self, module, args):
+        self.hidden = args[0]
+        return (args[0][:, :0],)
+
+
+def chunk_loss_sum(head, hidden, targets):
+    """The summed cross-entropy of one chunk of positions: the output layer, then fp32 logits."""
+    return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def plain_loss_sum(net, ids):
+    """The summed next-token cross-entropy from the model's full logits (the paper's loss, as the
+    official code computes it), in fp32: what loss_sum computes without the logits."""
     logits = net(input_ids=ids).logits[:, :-1].float()  # position t predicts token t + 1
-    targets = ids[:, 1:]
     return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+        logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
     )
+
+
+def loss_sum(net, ids, chunk_tokens=LOSS_CHUNK_TOKENS):
+    """Sum over the batch of the next-token cross-entropies (nats), in fp32, never holding the
+    [batch, tokens, vocabulary] logits: the net runs up to its final hidden states, then the
+    output layer and the cross-entropy run on `chunk_tokens` positions at a time, each chunk
+    recomputed in the backward pass (torch.utils.checkpoint) instead of kept. At Llama 3's 128k
+    vocabulary and 8 x 256 tokens the full logits take ~1 GB per fp32 copy. Models whose logits
+    are more than the output layer (final soft-capping, a logit scale) take plain_loss_sum."""
+    config = getattr(net, "module", net).config
+    if any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale")):
+        return plain_loss_sum(net, ids)
+    head = getattr(net, "module", net).get_output_embeddings()
+    stash = FinalHiddenStates()
+    handle = head.register_forward_pre_hook(stash)
+    try:
+        net(input_ids=ids)  # through the DDP wrapper, if any: it syncs the gradients
+    finally:
+        handle.remove()
+    hidden = stash.hidden[:, :-1].reshape(-1, stash.hidden.shape[-1])  # t predicts token t + 1
+    targets = ids[:, 1:].reshape(-1)
+    total = torch.zeros((), device=ids.device)
+    for start in range(0, len(targets), chunk_tokens):
+        chunk = slice(start, start + chunk_tokens)
+        total = total + torch.utils.checkpoint.checkpoint(
+            chunk_loss_sum, head, hidden[chunk], targets[chunk], use_reentrant=False
+        )
+    return total
 
 
 def train_step(net, optimizer, scaler, batch, accelerator, micro_batch_size):
