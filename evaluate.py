@@ -92,8 +92,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import hyperfit
-from hyperfit import UsageError
+try:
+    import hyperfit
+except ModuleNotFoundError:  # pasted into a notebook after hyperfit.py's cell: use its names
+    import types
+
+    hyperfit = types.SimpleNamespace(**globals())
+UsageError = hyperfit.UsageError  # bad input: one line on stderr, exit 2, nothing written
 
 # -----------------------------------------------------------------------------
 # defaults (the paper's settings where it has one)
