@@ -267,15 +267,15 @@ def write_results(results, out_dir, started):
         met = None if results["quick"] else met  # a tiny random model is not the goals' setting
         found[i] = dict(goal=GOALS[name], model=model, measured=value, met=met)
     results.update(goals=found, seconds_total=round(time.time() - started, 1))
-    env, r0 = results["environment"], next(iter(rows), {})
+    env, z = results["environment"], results["sizes"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     lines = [f"# bench.py on `{results['machine']}`", "", f"    {results['command']}", ""]
     lines += [f"{results['date']}; git {env['git_commit']}; {versions}; CPU {env['cpu']}, flags"]
     lines += [f"{' '.join(env['cpu_flags'])}; {env['torch_threads']} threads; GPU {env['gpu']}\n"]
-    lines += [f"## Training step: {r0.get('batch')} x {r0.get('seq_len')} tokens, median of "]
-    lines[-1] += f"{r0.get('steps')} steps after {r0.get('warmup')} warm-up; peak memory: "
-    lines[-1] += f"{r0.get('peak_memory')} during the steps, reset after loading. Ratios: to "
-    lines[-1] += "full_fp32, same model, this run (speed > 1 = faster, memory < 1 = smaller).\n"
+    peak = "torch.cuda.max_memory_allocated" if env["gpu"] else "VmHWM: peak RSS"
+    lines += [f"## Training step: {z['batch']} x {z['seq_len']} tokens, median of {z['steps']} "]
+    lines[-1] += f"steps after {z['warmup']} warm-up; peak memory: {peak} during the steps, "
+    lines[-1] += "reset after loading. Ratios: to full_fp32 of this model and run (>1: faster)\n"
     keys = "model config compute_dtype s_per_step tokens_per_s peak_mem_mb speed_vs_reference"
     lines += table(rows, keys + " mem_vs_reference label")
     lines += [f"## Generation: greedy, and with citation blocking ({BLOCK_N}-grams)", ""]
