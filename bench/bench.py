@@ -328,7 +328,7 @@ def bench(argv):
     # the file stem: device, cores, compute dtype (an AVX512-BF16 CPU's bf16 gets its own file)
     short = {name: alias for alias, name in hyperfit.DTYPE_ALIASES.items()}  # float32: fp32
     cpu = re.sub(r"@.*|\((r|tm)\)|\bcpu\b|processor", "", env["cpu"], flags=re.IGNORECASE)
-    name = f"cuda-{env['gpu']}" if env["gpu"] else f"cpu-{cpu}-{os.cpu_count()}cores"
+    name = f"cuda-{env['gpu']}" if env["gpu"] else f"cpu-{cpu}-{len(os.sched_getaffinity(0))}cores"
     name += f"-{short[hyperfit.dtype_name(s['dtype'])]}" + "-shapes" * bool(s["shapes"])
     results = dict(machine=re.sub(r"[^a-z0-9]+", "-", name.lower() + "-quick" * s["quick"]))
     results.update(device_type=s["device"].type, compute_dtype=hyperfit.dtype_name(s["dtype"]))
@@ -346,7 +346,7 @@ def bench(argv):
             tiny = hyperfit.random_model(Path(tmp) / "tiny", texts[0][1])
             todo = [("tiny-random", dict(base, model=tiny))]
         if s["shapes"]:  # one BPE tokenizer (hyperfit.random_model's) for all: ids < every vocab
-            vocab = min([SHAPE_TOKENIZER[1]] + [SHAPES[name]["vocab_size"] for name in s["shapes"]])
+            vocab = min([SHAPE_TOKENIZER[1]] + [SHAPES[n]["vocab_size"] for n in s["shapes"]])
             text = "".join(text for _, text in texts)[: SHAPE_TOKENIZER[0]]
             base.update(
                 kind="build", tokenizer=hyperfit.random_model(Path(tmp) / "bpe", text, vocab)
@@ -361,8 +361,8 @@ def bench(argv):
             spec = dict(spec, name=model, work=str(Path(tmp) / f"{model}.pt"))
             prepare_inputs(hyperfit.load_tokenizer(spec["model"]), texts, s["sizes"], spec["work"])
             configs = SHAPE_CONFIGS.get(model, SHAPE_CONFIGS["tiny"]) if s["shapes"] else CONFIGS
-            todo = s["only"] or [*configs, "generation", "evaluation"]
-            for task in [t for t in todo if t != "evaluation" or i == 0]:  # model-free metrics
+            tasks = s["only"] or [*configs, "generation", "evaluation"]
+            for task in [t for t in tasks if t != "evaluation" or i == 0]:  # model-free metrics
                 start, kind = time.time(), "train" if task in CONFIGS else task
                 result = measure(dict(spec, kind=kind, config=task), s["isolate"], s["deadline"])
                 dtype = "float32" if task == "full_fp32" else spec["dtype"]  # unless measured
