@@ -1,211 +1,185 @@
-"""bench.py on the tiny random model (--quick): every section is written, timings are positive, the
-ratios are the reference's own numbers divided out, the Markdown table exists; the subprocess-per-
-measurement path and the random-init shape path work; bad input exits 2. CPU only, about a minute."""
+"""bench/bench.py on the tiny random model (--quick): every section is written with positive
+timings, the ratios are the reference's own numbers divided out, every row says its compute dtype
+and the CPU's flags, a forced dtype is honoured, the subprocess-per-measurement and the random-
+init shape paths work, a time budget skips, bad input exits 2 with one line. CPU, about a minute."""
 
+import importlib.metadata
+import importlib.util
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-import bench
+import hyperfit
 
 ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench", ROOT / "bench" / "bench.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
 
 
-def results_of(out_dir):
+def run(out_dir, *argv):
+    """bench.main on argv; returns (results, markdown) of the one file pair it wrote."""
+    assert bench.main([*argv, "--out-dir", str(out_dir)]) == 0
     files = list(Path(out_dir).glob("*.json"))
     assert len(files) == 1, files
-    assert files[0].with_suffix(".md").exists()
     return json.loads(files[0].read_text()), files[0].with_suffix(".md").read_text()
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench-quick")
-    returned = bench.main(["--quick", "--out-dir", str(out)])
-    data, markdown = results_of(out)
-    return returned, data, markdown
+    return run(tmp_path_factory.mktemp("quick"), "--quick")
 
 
 def test_quick_writes_every_section(quick):
-    returned, data, markdown = quick
-    assert data["mode"] == "quick" and data["quick"] and data["device_type"] == "cpu"
-    assert data["device"].startswith("cpu-") and data["file_stem"] == data["device"] + "-quick"
-    for key in (
-        "device",
-        "torch",
-        "transformers",
-        "bitsandbytes",
-        "peft",
-        "date",
-        "command",
-        "train",
-        "generation",
-        "evaluation",
-        "goals",
-        "models",
-        "peak_memory",
-    ):
-        assert data[key], key
-    assert data["command"].startswith("python bench.py --quick")
-    assert returned["train"] == data["train"]  # main() returns what it wrote
-
-    assert [r["config"] for r in data["train"]] == list(bench.DEFAULT_CONFIGS)
-    for row in data["train"]:
-        assert "error" not in row, row
-        assert row["batch"] == bench.BATCH_SIZE and row["seq_len"] == bench.QUICK["seq_len"]
-        assert row["s_per_step"] > 0 and row["tokens_per_s"] > 0 and row["peak_mem_mb"] > 0
-        assert row["tokens_per_s"] == pytest.approx(
-            row["batch"] * row["seq_len"] / row["s_per_step"]
-        )
-        assert len(row["s_per_step_all"]) == bench.QUICK["steps"]
-        assert row["compute_dtype"] in ("float32", "bfloat16")
-        assert row["first_loss"] > 0 and row["last_loss"] > 0
-    by_config = {r["config"]: r for r in data["train"]}
-    assert (
-        by_config["full_fp32"]["compute_dtype"] == "float32" and not by_config["full_fp32"]["lora"]
-    )
-    assert (
-        by_config["4bit_lora_gc"]["gradient_checkpointing"]
-        and by_config["8bit_lora"]["quant"] == "8bit"
-    )
-    # LoRA trains a small fraction of what the full fine-tune trains
-    assert by_config["4bit_lora"]["trainable_params"] < by_config["full_fp32"]["trainable_params"]
-
-
-def test_ratios_are_to_the_reference_of_the_same_run(quick):
-    _, data, _ = quick
-    ref = next(r for r in data["train"] if r["config"] == "full_fp32")
-    assert ref["speed_vs_reference"] == 1.0 and ref["mem_vs_reference"] == 1.0
-    for row in data["train"]:
-        assert row["speed_vs_reference"] == pytest.approx(ref["s_per_step"] / row["s_per_step"])
-        assert row["mem_vs_reference"] == pytest.approx(row["peak_mem_mb"] / ref["peak_mem_mb"])
-
-
-def test_generation_and_evaluation(quick):
-    _, data, _ = quick
-    assert [r["batch"] for r in data["generation"]] == list(bench.GEN_BATCH_SIZES)
-    for row in data["generation"]:
-        assert (
-            row["tokens_per_s"] > 0
-            and row["blocked_tokens_per_s"] > 0
-            and row["new_tokens"] == bench.QUICK["gen_tokens"]
-        )
-        assert row["blocking_overhead"] == pytest.approx(row["blocked_s"] / row["plain_s"])
-        assert row["tokens_per_s"] == pytest.approx(
-            row["batch"] * row["new_tokens"] / row["plain_s"]
-        )
-        assert 0 <= row["banned_step_share"] <= 1
-    e = data["evaluation"]
-    assert (
-        e["continuations"] == bench.QUICK["eval_continuations"]
-        and e["tokens"] == bench.QUICK["eval_tokens"]
-    )
-    for key in ("index_build_s", "token_metrics_s", "ppl_original_s"):
-        assert e[key] > 0, key
-    assert e["total_s"] == pytest.approx(
-        e["index_build_s"] + e["token_metrics_s"] + e["ppl_original_s"]
-    )
-
-
-def test_goals_and_markdown(quick):
-    _, data, markdown = quick
-    assert set(data["goals"]) == {
-        "cpu_kit_step_speedup",
-        "cpu_gc_peak_memory_ratio",
-        "blocking_overhead_b16",
-        "metrics_300x256_s",
-    }
-    for goal in data["goals"].values():
-        assert goal["target"] and goal["measured"] is not None
-        assert goal["met"] is None  # a tiny model proves nothing about the goals: never a pass
-    assert data["goals"]["cpu_kit_step_speedup"]["measured"] == pytest.approx(
-        next(r for r in data["train"] if r["config"] == "4bit_lora")["speed_vs_reference"]
-    )
-    for heading in ("## Training step", "## Generation", "## Evaluation", "## Goals"):
+    data, markdown = quick
+    assert data["machine"].startswith("cpu-") and data["machine"].endswith("-fp32-quick")
+    assert data["quick"] and data["isolation"] == "in-process"
+    assert data["command"].startswith("python bench/bench.py --quick --out-dir ")
+    assert data["environment"]["versions"]["torch"] == importlib.metadata.version("torch")
+    assert [r["config"] for r in data["train"]] == list(bench.CONFIGS)
+    for r in data["train"]:
+        assert "error" not in r and "skipped" not in r, r
+        assert r["batch"] == 8 and r["seq_len"] == bench.SIZES["quick"]["seq_len"]
+        assert r["s_per_step"] > 0 and r["peak_mem_mb"] > 0 and r["last_loss"] > 0
+        assert len(r["s_per_step_all"]) == bench.SIZES["quick"]["steps"]
+        assert r["tokens_per_s"] == pytest.approx(8 * r["seq_len"] / r["s_per_step"])
+        assert r["peak_memory"] == "VmHWM: peak RSS"
+    rows = {r["config"]: r for r in data["train"]}
+    assert rows["4bit_lora_gc"]["gradient_checkpointing"] and rows["8bit_lora"]["quant"] == "8bit"
+    assert rows["4bit_lora"]["lean_loss"] and not rows["4bit_lora_plain_loss"]["lean_loss"]
+    assert rows["4bit_lora"]["trainable_params"] < rows["full_fp32"]["trainable_params"]
+    assert [r["batch"] for r in data["generation"]] == [1, 16]
+    for r in data["generation"]:
+        assert r["plain_s"] > 0 and r["blocked_s"] > 0 and r["index_build_s"] > 0
+        assert r["blocking_overhead"] == pytest.approx(r["blocked_s"] / r["plain_s"])
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * r["new_tokens"] / r["plain_s"])
+    (e,) = data["evaluation"]
+    assert (e["continuations"], e["tokens"], e["score_measured_on"]) == (30, 64, 30)
+    timings = [k for k in e if k.endswith("_s") and k not in ("metrics_s", "total_s")]
+    assert len(timings) == 7 and all(e[k] > 0 for k in timings)
+    assert e["metrics_s"] == pytest.approx(sum(e[k] for k in timings) - e["score_continuations_s"])
+    assert e["total_s"] == pytest.approx(e["metrics_s"] + e["score_continuations_s"])
+    for heading in ("## Training step", "## Generation", "## Evaluation metrics", "## Goals"):
         assert heading in markdown
-    for config in bench.DEFAULT_CONFIGS:
-        assert f"| tiny-random | {config} |" in markdown
+    for config in bench.CONFIGS:
+        assert f"| tiny-random | {config} | float32 |" in markdown
 
 
-def test_one_subprocess_per_measurement(tmp_path):
-    """The default path for real runs: each configuration in its own process, its peak its own."""
-    bench.main(
-        [
-            "--quick",
-            "--isolate",
-            "--sections",
-            "train",
-            "--configs",
-            "full_fp32,4bit_lora_gc",
-            "--out-dir",
-            str(tmp_path),
-        ]
+def test_every_row_says_its_dtype_and_the_cpu_flags(quick):
+    data, _ = quick
+    rows = data["train"] + data["generation"] + data["evaluation"]
+    assert len(rows) == len(bench.CONFIGS) + 2 + 1
+    for r in rows:
+        assert r["compute_dtype"] == "float32" and r["cpu_flags"] == hyperfit.cpu_flags()
+
+
+def test_ratios_are_the_references_numbers_divided_out(quick):
+    data, _ = quick
+    ref = data["train"][0]
+    assert ref["config"] == "full_fp32" and ref["speed_vs_reference"] == 1.0
+    for r in data["train"]:
+        assert r["speed_vs_reference"] == pytest.approx(ref["s_per_step"] / r["s_per_step"])
+        assert r["mem_vs_reference"] == pytest.approx(r["peak_mem_mb"] / ref["peak_mem_mb"])
+
+
+def test_goals_name_their_reference_and_a_tiny_model_meets_none(quick):
+    data, markdown = quick
+    goals = {g["goal"].split(" <=")[0].split(" >=")[0]: g for g in data["goals"]}
+    assert len(goals) == 4 and all(g["met"] is None for g in goals.values())
+    rows = {r["config"]: r for r in data["train"]}
+    assert goals["4-bit + LoRA + checkpointing peak memory"]["measured"] == pytest.approx(
+        rows["4bit_lora_gc"]["mem_vs_reference"]
     )
-    data, _ = results_of(tmp_path)
-    assert data["isolation"] == "one subprocess per measurement"
-    assert [r["config"] for r in data["train"]] == ["full_fp32", "4bit_lora_gc"]
-    for row in data["train"]:
-        assert "error" not in row, row
-        assert row["s_per_step"] > 0 and row["peak_mem_mb"] > 100  # a whole Python + torch process
-    assert data["generation"] == [] and data["evaluation"] is None
+    assert goals["train step"]["measured"] == pytest.approx(rows["4bit_lora"]["speed_vs_reference"])
+    assert goals["citation blocking"]["measured"] == data["generation"][-1]["blocking_overhead"]
+    assert "the paper's fp32 full fine-tune (QLoRA, Dettmers et al. 2023" in markdown
+
+
+def test_a_forced_dtype_is_honoured(tmp_path, monkeypatch):
+    data, _ = run(
+        tmp_path / "flag", "--quick", "--dtype", "bfloat16", "--only", "full_fp32", "4bit_lora"
+    )
+    assert data["machine"].endswith("-bf16-quick") and data["compute_dtype"] == "bfloat16"
+    ref, kit = data["train"]
+    assert ref["compute_dtype"] == "float32"  # the paper's fp32 loop, whatever --dtype says
+    assert kit["compute_dtype"] == "bfloat16" and kit["s_per_step"] > 0
+    monkeypatch.setenv("HYPERFIT_DTYPE", "bfloat16")  # what hyperfit reads when dtype is auto
+    data, _ = run(tmp_path / "env", "--quick", "--only", "4bit_lora")
+    assert [r["compute_dtype"] for r in data["train"]] == ["bfloat16"]
+
+
+def test_one_process_per_measurement(tmp_path):
+    data, _ = run(tmp_path, "--quick", "--isolate", "--only", "4bit_lora_gc")
+    assert data["isolation"] == "a process per measurement"
+    (r,) = data["train"]
+    assert "error" not in r, r
+    assert r["s_per_step"] > 0 and r["peak_mem_mb"] > 100  # a whole Python + torch process
+    assert r["speed_vs_reference"] is None  # no reference measured in this run
+    assert data["generation"] == [] and data["evaluation"] == []
 
 
 def test_random_init_shape_path(tmp_path):
-    """--shapes builds a random model of a given shape with its own tokenizer and loads it through
-    load_model; 'tiny' runs the same path as the TinyLlama / Llama-8B shapes do on a GPU."""
-    bench.main(
-        [
-            "--quick",
-            "--shapes",
-            "tiny",
-            "--device",
-            "cpu",
-            "--sections",
-            "train",
-            "--configs",
-            "4bit_lora,full_fp32",
-            "--out-dir",
-            str(tmp_path),
-        ]
-    )
-    data, _ = results_of(tmp_path)
-    assert data["mode"] == "shapes" and data["file_stem"].endswith("-shapes")
-    model = data["models"][0]
-    assert model["name"] == "tiny" and model["params"] > 0 and model["shape"]["hidden_size"] == 64
-    assert [r["config"] for r in data["train"]] == ["4bit_lora", "full_fp32"]
-    assert all(r["s_per_step"] > 0 and "error" not in r for r in data["train"])
-    assert data["train"][0]["speed_vs_reference"] == pytest.approx(
-        data["train"][1]["s_per_step"] / data["train"][0]["s_per_step"]
-    )
+    """--shapes builds a model of an exact shape (here the 2-layer stand-in) with a BPE tokenizer
+    and loads it through load_model, as the TinyLlama and Llama-8B shapes do on a GPU."""
+    data, _ = run(tmp_path, "--quick", "--shapes", "tiny", "--only", "full_fp32", "4bit_lora")
+    assert data["machine"].endswith("-shapes-quick")
+    (model,) = data["models"]
+    assert model["name"] == "tiny" and model["shape"]["hidden_size"] == 64
+    assert model["params"] > 0 and model["shape"]["vocab_size"] == 512
+    ref, kit = data["train"]
+    assert kit["speed_vs_reference"] == pytest.approx(ref["s_per_step"] / kit["s_per_step"])
+
+
+def test_a_time_budget_skips_and_says_so(tmp_path):
+    data, markdown = run(tmp_path, "--quick", "--time-budget", "1", "--only", "full_fp32")
+    (r,) = data["train"]
+    assert r["skipped"].startswith("time budget") and "s_per_step" not in r
+    assert r["compute_dtype"] == "float32" and r["cpu_flags"] == hyperfit.cpu_flags()
+    assert "time budget" in markdown
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--configs", "nope"], "--configs nope"),
-        (["--sections", "training"], "--sections training"),
-        (["--shapes", "gpt5"], "--shapes gpt5"),
+        (["--only", "nope"], "--only: invalid choice: 'nope'"),
+        (["--shapes", "gpt5"], "--shapes: invalid choice: 'gpt5'"),
+        (["--time-budget", "-1"], "--time-budget -1.0"),
+        (["--dtype", "fp64"], "--dtype fp64"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
-def test_bad_input_exits_2(argv, message, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        bench.main(argv + ["--quick", "--out-dir", str(tmp_path / "out")])
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+def test_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys):
+    assert bench.main([*argv, "--quick", "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bench.py: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 
-def test_gpu_shapes_refused_without_a_gpu(tmp_path, capsys):
-    import torch
-
+def test_the_paper_shapes_need_a_gpu(tmp_path, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--shapes", "--out-dir", str(tmp_path / "out")])
-    assert exit_info.value.code == 2 and "no GPU is visible" in capsys.readouterr().err
+    assert bench.main(["--shapes", "--out-dir", str(tmp_path)]) == 2
+    assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_the_command_line_from_the_repo_root(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "bench/bench.py", "--only", "x"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and done.stderr.startswith("bench.py: argument --only")
+    assert done.stderr.count("\n") == 1
+
+
+def test_pasted_into_a_notebook_it_starts_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # without __file__, the kit's folder is the working directory
+    cell = {"__name__": "__main__"}
+    exec(compile((ROOT / "bench" / "bench.py").read_text(), "<cell>", "exec"), cell)
+    assert cell["ROOT"] == ROOT and callable(cell["main"])
 
 
 def test_gpu_check_script_parses():
-    assert subprocess.run(["bash", "-n", str(ROOT / "gpu_check.sh")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")]).returncode == 0
