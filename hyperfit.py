@@ -449,8 +449,9 @@ def random_model(
     tokenizer starts every text with <s>, as Llama's does. initializer_range 0.3: at the usual
     0.02 a frozen random model barely moves under LoRA. Returns the folder."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
+    quiet_libraries()
     specials = ["<eos>"] + (["<s>"] if bos else [])
     bpe = Tokenizer(models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -469,9 +470,10 @@ def random_model(
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, eos_token="<eos>", pad_token="<eos>", bos_token="<s>" if bos else None
     )
+    shape = dict(shape or TINY_SHAPE)
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        **(shape or TINY_SHAPE),
+        vocab_size=shape.pop("vocab_size", len(tokenizer)),  # a shape may ask for more ids
+        **shape,
         initializer_range=initializer_range,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -479,8 +481,8 @@ def random_model(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    with torch.device(device):
-        net = LlamaForCausalLM(config).to(dtype)
+    with torch.device(device):  # built where it runs, in its dtype: an 8B shape never in fp32
+        net = AutoModelForCausalLM.from_config(config, dtype=dtype)
     net.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
@@ -995,11 +997,12 @@ def loss_sum(net, ids, chunk_tokens=LOSS_CHUNK_TOKENS):
     return total
 
 
-def train_step(net, optimizer, scaler, batch, accelerator, micro_batch_size):
+def train_step(net, optimizer, scaler, batch, accelerator, micro_batch_size, loss=None):
     """One optimizer step of the paper: the token-mean next-token cross-entropy of the global
-    batch `batch` ([n, seq_len]; each process takes its share), then AdamW. Returns the batch's
-    mean loss; raises NumericalError, before anything is saved, if the loss or a weight is not
-    finite."""
+    batch `batch` ([n, seq_len]; each process takes its share), then AdamW. `loss` sums the
+    cross-entropies of a micro-batch (default loss_sum; the benchmark times plain_loss_sum too).
+    Returns the batch's mean loss; raises NumericalError, before anything is saved, if the loss or
+    a weight is not finite."""
     mine = batch.tensor_split(accelerator.num_processes)[accelerator.process_index]
     tokens = batch.shape[0] * (batch.shape[1] - 1)  # predicted tokens in the global batch
     micro_batches = mine.split(micro_batch_size)  # gradient accumulation when there are several
@@ -1008,11 +1011,11 @@ def train_step(net, optimizer, scaler, batch, accelerator, micro_batch_size):
         ids = ids.to(accelerator.device)
         last = i == len(micro_batches) - 1  # DDP all-reduces the gradients after the last one only
         with contextlib.nullcontext() if last else accelerator.no_sync(net):
-            loss = loss_sum(net, ids)  # summed over the micro-batch's tokens, in fp32
+            summed = (loss or loss_sum)(net, ids)  # over the micro-batch's tokens, in fp32
             # the mean over the global batch: DDP averages gradients over processes, so x processes;
             # the scaler multiplies by a large factor with fp16 compute only (no underflow)
-            accelerator.backward(scaler.scale(loss * accelerator.num_processes / tokens))
-        step_loss += loss.detach()
+            accelerator.backward(scaler.scale(summed * accelerator.num_processes / tokens))
+        step_loss += summed.detach()
     batch_loss = (accelerator.reduce(step_loss, "sum") / tokens).item()  # all processes' tokens
     if not math.isfinite(batch_loss):
         raise NumericalError(f"the loss became {batch_loss}")

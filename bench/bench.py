@@ -97,15 +97,12 @@ def time_train(spec):
         Path("/proc/self/clear_refs").write_text("5")
     for _ in range(spec["warmup"] + spec["steps"]):  # warm-up: AdamW's state, caches
         start = time.perf_counter()
-        if lean:  # the kit's own step, exactly as hyperfit.py's loop calls it
-            losses.append(hyperfit.train_step(net, optimizer, scaler, ids, accelerator, len(ids)))
-        else:  # the same without the lean loss: the full logits, as the official code's loss
-            loss = hyperfit.plain_loss_sum(net, ids) / (ids.shape[0] * (ids.shape[1] - 1))
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())  # waits for the device: the time covers the whole step
+        # the kit's own step, exactly as hyperfit.py's loop calls it; without the lean loss it
+        # takes the full logits, as the official code's loss does
+        plain = None if lean else hyperfit.plain_loss_sum
+        losses.append(
+            hyperfit.train_step(net, optimizer, scaler, ids, accelerator, len(ids), plain)
+        )
         times.append(time.perf_counter() - start)
     vmhwm = re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())  # KiB
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else int(vmhwm[1]) / 1024
