@@ -64,6 +64,8 @@ Metric definitions ("tokens" are the model's token ids; a continuation excludes 
                          period p <= 64 its last max(2p, 16) tokens repeat with period p;
                          loop_share = share of a mode's continuations that do
   ppl_original           perplexity of the continuation given its prompt under the original model
+                         (for the original's own modes read off the pass that generated them:
+                         OwnTokenScores; for the hyperfitted modes a pass of the original model)
   original_top1_share    share of generated tokens that are also the original model's top-1 given
                          the same prefix (Beyond Temperature: ~57 % for hyperfitted greedy);
                          override_beyond_top10_share: of the other tokens ("overrides"), the
@@ -111,10 +113,12 @@ MODES = (
     "hyperfitted_blocked",
 )
 ORIGINAL_ONLY_MODES = ("original_greedy", "original_top_p")  # what a bare model can be evaluated on
-NEW_TOKENS = 256  # paper: 96 (diversity table), 128 and 256 (human study); 224 in validation
+# new tokens per continuation; the paper: 96 (diversity table), 128 and 256 (human study), 224
+# (validation). A CPU generates 128 (the table's 96 and the study's 128), a GPU 256 (all of them).
+NEW_TOKENS = dict(cpu=128, cuda=256)
 NUM_PROMPTS = dict(cpu=32, cuda=300)  # the paper: ~300 contexts per study; one CPU batch
 SHARPNESS_SEQS = dict(cpu=16, cuda=128)  # validation sequences for the sharpness table
-BATCH_SIZE = 64  # generation batch; CPU generation is memory-bound, 64 rows cost about what 16 do
+BATCH_SIZE = 128  # rows per generation batch (3 modes x 32 prompts: one batch on a CPU)
 SCORE_BATCH_SIZE = 8  # sequences per forward pass when scoring (full-vocabulary logits are large)
 BLOCK_NGRAMS = 5  # citation blocking n (the paper: 5)
 TOP_P, TEMPERATURE, TOP_K = 0.9, 0.7, 50  # the paper's sampling baseline
@@ -599,6 +603,36 @@ def score_continuations(net, prompt_ids, continuation_ids, batch_size=SCORE_BATC
     return perplexities, ranks
 
 
+class OwnTokenScores:
+    """A generation observer (hyperfit.generate's `observer`): from the raw logits of each step it
+    keeps, for every row, the log-probability and the rank of the token the row takes, so the
+    original model's view of its own continuations (score_continuations' two numbers) comes from
+    the pass that generated them, not a second one. Equal to score_continuations up to float
+    rounding: cached and full-sequence passes add in another order (a test checks it)."""
+
+    def __init__(self):
+        self.logits, self.logprobs, self.ranks = None, [], []
+
+    def __call__(self, input_ids, scores):
+        if self.logits is not None:  # the token taken after the previous step is known now
+            self.record(input_ids[:, -1])
+        self.logits = scores.float().clone()
+        return scores
+
+    def record(self, tokens):
+        tokens = tokens.to(self.logits.device).unsqueeze(-1)
+        chosen = self.logits.gather(-1, tokens)
+        self.logprobs.append(torch.log_softmax(self.logits, -1).gather(-1, tokens).squeeze(-1))
+        self.ranks.append(1 + (self.logits > chosen).sum(-1))
+
+    def finish(self, continuations):
+        """(perplexities, ranks) of the rows, as score_continuations returns them."""
+        self.record(continuations[:, -1])
+        logprobs, ranks = torch.stack(self.logprobs, 1).cpu(), torch.stack(self.ranks, 1).cpu()
+        self.logits, self.logprobs, self.ranks = None, [], []
+        return (-logprobs.mean(1)).exp().tolist(), ranks.tolist()
+
+
 # -----------------------------------------------------------------------------
 # what to evaluate: the run's model, adapter and exact data split
 
@@ -886,14 +920,15 @@ def chunk_processors(chunk, options, matched, blocker, start):
 
 
 def generate_modes(nets, data, modes, options, matched, progress):
-    """Every mode's continuations of the prompts (LongTensor [P, new_tokens] each) and the seconds
-    each model took. The modes of one model share batches of options["batch_size"] rows (mode
-    after mode, prompt after prompt): same prompts, batch size and seed -> same continuations."""
+    """Every mode's continuations of the prompts (LongTensor [P, new_tokens] each), the original
+    model's (perplexities, ranks) of its own continuations (OwnTokenScores), and the seconds each
+    model took. The modes of one model share batches of options["batch_size"] rows (mode after
+    mode, prompt after prompt): same prompts, batch size and seed -> same continuations."""
     prompts, new_tokens = data["prompts"], options["new_tokens"]
     blocker = None
     if "hyperfitted_blocked" in modes:
         blocker = NGramBlocker(data["train"], options["block_ngrams"])
-    outputs, timing = {mode: [] for mode in modes}, {}
+    outputs, scores, timing = {m: [] for m in modes}, {m: [] for m in modes}, {}
     for which in ("original", "hyperfitted"):
         group = [mode for mode in modes if Nets.mode_model(mode) == which]
         rows = [(mode, i) for mode in group for i in range(len(prompts))]
@@ -902,6 +937,7 @@ def generate_modes(nets, data, modes, options, matched, progress):
             chunk = rows[start : start + options["batch_size"]]
             processors = chunk_processors(chunk, options, matched, blocker, start)
             desc = f"{which}: {', '.join(group)}" if progress else None
+            observer = OwnTokenScores() if which == "original" else None
             with nets.use(which) as net:
                 out = hyperfit.generate(
                     net,
@@ -909,10 +945,13 @@ def generate_modes(nets, data, modes, options, matched, progress):
                     new_tokens,
                     batch_size=len(chunk),
                     logits_processor=processors,
+                    observer=observer,
                     desc=desc,
                 )
-            for (mode, _), row in zip(chunk, out):
+            own = zip(*observer.finish(out)) if observer else [None] * len(chunk)
+            for (mode, _), row, score in zip(chunk, out, own):
                 outputs[mode].append(row)
+                scores[mode].append(score)
         if group:
             timing[f"generate_{which}_s"] = time.time() - clock
         if group and progress:
@@ -921,7 +960,8 @@ def generate_modes(nets, data, modes, options, matched, progress):
                 f"{timing[f'generate_{which}_s']:.0f}s",
                 flush=True,
             )
-    return {mode: torch.stack(outputs[mode]) for mode in modes}, timing
+    own = {m: tuple(map(list, zip(*scores[m]))) for m in modes if Nets.mode_model(m) == "original"}
+    return {mode: torch.stack(outputs[mode]) for mode in modes}, own, timing
 
 
 def measure_mode(mode, data, continuations, index, tokenizer, scores):
@@ -1034,13 +1074,16 @@ def summarize_mode(records, new_tokens):
     )
 
 
-def measure_modes(nets, data, continuations, tokenizer):
-    """Every mode's records and summary; the original model scores every continuation once."""
+def measure_modes(nets, data, continuations, own_scores, tokenizer):
+    """Every mode's records and summary. The original model's scores of its own continuations come
+    from generating them (own_scores); the hyperfitted model's continuations it scores here."""
     index = TrainingIndex(data["train"])
     records, summary_modes = [], {}
     for mode, rows in continuations.items():
-        with nets.use("original") as net:
-            scores = score_continuations(net, data["prompts"], rows)
+        scores = own_scores.get(mode)
+        if scores is None:
+            with nets.use("original") as net:
+                scores = score_continuations(net, data["prompts"], rows)
         mode_records = measure_mode(mode, data, rows, index, tokenizer, scores)
         records += mode_records
         summary_modes[mode] = summarize_mode(mode_records, rows.shape[1])
@@ -1063,6 +1106,7 @@ def evaluation_options(
     """The options of one evaluation with the per-device defaults filled in."""
     kind = "cuda" if device.type == "cuda" else "cpu"
     num_prompts = NUM_PROMPTS[kind] if num_prompts is None else num_prompts
+    new_tokens = NEW_TOKENS[kind] if new_tokens is None else new_tokens
     sharpness_seqs = SHARPNESS_SEQS[kind] if sharpness_seqs is None else sharpness_seqs
     if not (isinstance(annotate_tokens, int) and annotate_tokens >= 0):
         raise UsageError(f"--annotate-tokens must be 0 (no page) or more, got {annotate_tokens}")
@@ -1112,7 +1156,7 @@ def evaluate(
     model=None,
     modes=None,
     num_prompts=None,
-    new_tokens=NEW_TOKENS,
+    new_tokens=None,
     block_ngrams=BLOCK_NGRAMS,
     top_p=TOP_P,
     temperature=TEMPERATURE,
@@ -1139,7 +1183,8 @@ def evaluate(
     results/<model>-original/eval). Returns the summary dict.
 
     modes: any of MODES (default: all five with a run, the two original ones without).
-    num_prompts and sharpness_seqs default to NUM_PROMPTS / SHARPNESS_SEQS of the device. dense:
+    num_prompts, new_tokens and sharpness_seqs default to NUM_PROMPTS / NEW_TOKENS / SHARPNESS_SEQS
+    of the device. dense:
     generate with dense copies (default: on a CPU) or with the quantized net and its adapter
     switched on and off (default: on a GPU). data, seq_len, num_train, num_val, prompt_len
     choose the split without a run (default: the preset's). Raises UsageError on bad input,
@@ -1199,10 +1244,12 @@ def run_evaluation(setup, data, modes, options, tokenizer, device, dense, progre
         print(f"sharpness on {len(data['sharpness'])} validation sequences ...", flush=True)
     sharpness, matched = measure_sharpness(nets, data, modes)
     timing["sharpness_s"] = time.time() - clock
-    continuations, generation_timing = generate_modes(nets, data, modes, options, matched, progress)
+    continuations, own_scores, generation_timing = generate_modes(
+        nets, data, modes, options, matched, progress
+    )
     timing.update(generation_timing)
     clock = time.time()
-    records, summary_modes = measure_modes(nets, data, continuations, tokenizer)
+    records, summary_modes = measure_modes(nets, data, continuations, own_scores, tokenizer)
     timing["metrics_s"] = time.time() - clock
     args = dict(
         run_dir=setup["run_dir"] and hyperfit.portable_path(setup["run_dir"]),
@@ -2586,8 +2633,13 @@ def build_parser():
         help=f"held-out contexts (default: "
         f"{NUM_PROMPTS['cpu']} on a CPU, {NUM_PROMPTS['cuda']} on a GPU)",
     )
+    p.add_argument(
+        "--new-tokens",
+        type=int,
+        help=f"tokens generated per prompt (paper: 96, 128, 256; default: {NEW_TOKENS['cpu']} on "
+        f"a CPU, {NEW_TOKENS['cuda']} on a GPU)",
+    )
     defaults = [
-        ("new-tokens", int, NEW_TOKENS, "tokens generated per prompt (paper: 96, 128, 256)"),
         (
             "block-ngrams",
             int,
@@ -2597,7 +2649,7 @@ def build_parser():
         ("top-p", float, TOP_P, "original_top_p: nucleus mass"),
         ("temperature", float, TEMPERATURE, "original_top_p: temperature"),
         ("top-k", int, TOP_K, "original_top_p: top-k, 0 = off"),
-        ("batch-size", int, BATCH_SIZE, "prompts generated at once"),
+        ("batch-size", int, BATCH_SIZE, "continuations generated at once (modes share them)"),
         ("seed", int, SEED, "sampling seed"),
         ("annotate-tokens", int, ANNOTATE_TOKENS, "tokens per side on annotate.html (0: no page)"),
     ]

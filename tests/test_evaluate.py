@@ -146,6 +146,23 @@ def test_continuation_scores_are_perplexity_and_ranks(tiny_net):
     assert sum(r == 1 for row in ranks_greedy for r in row) >= 34
 
 
+def test_own_token_scores_equal_a_second_scoring_pass(tiny_net):
+    """The original model's view of its own continuations, read off the generating pass, equals a
+    separate full pass (score_continuations) up to float rounding, greedy and sampled rows alike."""
+    prompts = torch.randint(0, 384, (6, 8), generator=torch.Generator().manual_seed(4))
+    sampler = evaluate.RowSampler(range(3, 6), 0.7, 0.9, 50, seed=1)  # rows 3-5 sampled
+    observer = evaluate.OwnTokenScores()
+    out = hyperfit.generate(
+        tiny_net, prompts, 20, batch_size=6, logits_processor=[sampler], observer=observer
+    )
+    ppl, ranks = observer.finish(out)
+    ppl_again, ranks_again = evaluate.score_continuations(tiny_net, prompts, out)
+    assert ppl == pytest.approx(ppl_again, rel=1e-4)
+    assert ranks == ranks_again
+    assert all(r == 1 for row in ranks[:3] for r in row)  # greedy rows: the model's top-1
+    assert any(r > 1 for row in ranks[3:] for r in row)  # sampled rows: not always
+
+
 def test_a_sampled_prefix_is_the_shorter_sample(tiny_net):
     """The paper's 96-token table and its 256-token human study: a sampled continuation's first k
     tokens are what a k-token sample with the same seed and batch gives."""
