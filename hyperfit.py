@@ -120,13 +120,13 @@ SETTING_HELP = {  # the command line's help for every setting, in the order --he
     "prompt_len": "tokens of context per prompt",
     "gen_tokens": "new tokens per validation continuation",
     "eval_every": "optimizer steps between validations",
-    "save_every": "optimizer steps between checkpoints (None: --eval-every)",
+    "save_every": "optimizer steps between checkpoints",
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA alpha (the update is scaled by alpha / r)",
-    "lora_layers": "LoRA on the last k layers only, 'late-stage LoRA' (None: every layer)",
+    "lora_layers": "LoRA on the last k layers only, 'late-stage LoRA'",
     "gradient_checkpointing": "recompute activations in the backward pass (less memory)",
     "seed": "seed of the data split and the LoRA initialisation",
-    "order_seed": "seed of the training data order alone (None: --seed)",
+    "order_seed": "seed of the training data order alone",
 }
 SETTING_TYPES = dict(data=str, run_name=str, out_dir=str, quant=str, dtype=str, lr=float)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -1821,14 +1821,25 @@ def hyperfit(
 # command line
 
 
+UNSET_MEANS = dict(  # what an option left at None becomes
+    run_name="the preset's name, else the model folder's name",
+    micro_batch_size="the batch / the number of processes",
+    save_every="--eval-every",
+    lora_layers="every layer",
+    order_seed="--seed",
+)
+
+
 def default_help(name):
-    """What an unset option becomes: the default preset's value, and the paper's."""
+    """What an unset option becomes: the default preset's value, and the paper's protocol's."""
     value = defaults_for(DEFAULT_MODEL)[name]
-    paper = f"; paper: {PAPER_PROTOCOL[name]}" if name in PAPER_PROTOCOL else ""
-    if name == "run_name":
-        return "default: the preset's name, else the model folder's name"
     preset = f" for {DEFAULT_MODEL}" if name in PRESETS[DEFAULT_MODEL] else ""
-    return f"default: {value}{preset}{paper}"
+    shown = UNSET_MEANS[name] if value is None and name in UNSET_MEANS else value
+    paper = PAPER_PROTOCOL.get(name)
+    paper = f"; paper protocol: {paper}" if paper is not None else ""
+    if name == "lr":  # the kit's LoRA rate at the paper's protocol, not the paper's own
+        paper += " with LoRA (the paper's full fine-tune: 1e-6)"
+    return f"default: {shown}{preset}{paper}"
 
 
 def build_parser():
