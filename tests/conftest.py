@@ -64,6 +64,19 @@ def tiny_data(tmp_path_factory, tiny_text):
     return str(path)
 
 
+def command_line(**settings):
+    """hyperfit.py's arguments for `settings` (the names of hyperfit(); True: a bare flag)."""
+    args = []
+    for name, value in settings.items():
+        flag = "--" + name.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return args
+
+
+# the command line of a tiny run (the model, data and out-dir are the tests' own)
+TINY_COMMAND = dict(seq_len=64, num_train=24, num_val=8, num_prompts=4, prompt_len=16, gen_tokens=8)
+
+
 def tiny_run(model_dir, data, out_dir, name, **settings):
     """Hyperfit the tiny model with TINY_RUN's settings (and `settings` on top)."""
     return Path(

@@ -6,31 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import TINY_COMMAND, command_line
 from safetensors.torch import load_file
 
 import hyperfit
 
 ROOT = Path(__file__).resolve().parents[1]
-ARGS = [
-    "--seq-len",
-    "64",
-    "--num-train",
-    "24",
-    "--num-val",
-    "8",
-    "--num-prompts",
-    "4",
-    "--prompt-len",
-    "16",
-    "--gen-tokens",
-    "16",
-    "--lr",
-    "1e-2",
-    "--epochs",
-    "2",
-    "--eval-every",
-    "3",
-]
+ARGS = command_line(**dict(TINY_COMMAND, gen_tokens=16), lr=1e-2, epochs=2, eval_every=3)
 
 
 def test_two_processes_match_one_process(tiny_model_dir, tiny_data, tmp_path):

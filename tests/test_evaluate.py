@@ -360,6 +360,28 @@ def test_the_gpu_branch_runs_on_the_cpu(tiny_hyperfitted, tiny_model_dir, tmp_pa
     assert not (tmp_path / "annotate.html").exists()
 
 
+def test_a_sampled_mode_s_prefix_is_its_shorter_continuation(tiny_hyperfitted, tmp_path):
+    """evaluate.py's sampled rows (RowSampler, batches shared with greedy rows): the first k
+    tokens of a continuation are the k-token continuation, as the paper's windows assume."""
+    rows = {}
+    for tokens in (12, 30):
+        evaluate.evaluate(
+            tiny_hyperfitted,
+            modes="original_greedy,original_top_p",
+            num_prompts=6,
+            new_tokens=tokens,
+            batch_size=8,
+            sharpness_seqs=2,
+            out_dir=tmp_path / str(tokens),
+            progress=False,
+            annotate_tokens=0,
+        )
+        records = hyperfit.read_jsonl(tmp_path / str(tokens) / "generations.jsonl")
+        rows[tokens] = [r["token_ids"] for r in records if r["mode"] == "original_top_p"]
+    assert [row[:12] for row in rows[30]] == rows[12]
+    assert len({tuple(row) for row in rows[30]}) == 6  # sampled: no two alike
+
+
 def test_original_model_alone(tiny_model_dir, tiny_data, tmp_path):
     summary = evaluate.evaluate(
         model=tiny_model_dir,

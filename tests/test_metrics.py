@@ -248,6 +248,12 @@ def test_longest_shared_span():
     index = evaluate.TrainingIndex(train)
     assert evaluate.longest_shared_span([0, 3, 4, 5, 6, 7, 8, 9], index) == 4  # 6 -> 7 crosses
     assert evaluate.longest_shared_span([0, 0, 0], index) == 0
+    # a match that runs to the end of the continuation: a plain int, as JSON needs
+    whole = evaluate.longest_shared_span(
+        [2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
+        evaluate.TrainingIndex([list(range(1, 40))]),
+    )
+    assert whole == 12 and type(whole) is int
     rng = np.random.RandomState(0)  # random data, spans far beyond the 11-token anchor
     train = rng.randint(0, 6, (8, 40))  # small vocabulary: many short chance matches
     index = evaluate.TrainingIndex(train)

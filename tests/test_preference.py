@@ -15,13 +15,7 @@ import pytest
 import evaluate as annotation  # the page's builder lives in evaluate.py
 import plot as preference  # the scorer lives in plot.py
 
-MODES = (
-    "original_greedy",
-    "original_top_p",
-    "original_entropy_matched",
-    "hyperfitted_greedy",
-    "hyperfitted_blocked",
-)
+MODES = annotation.MODES
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 

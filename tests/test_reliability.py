@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, tiny_run
+from conftest import ROOT, TINY_COMMAND, command_line, tiny_run
 from test_hyperfit import (
     adapter_tensors,
     assert_close_records,
@@ -35,28 +35,12 @@ def cli(args, capsys):
 
 @pytest.fixture
 def base_args(tiny_model_dir, tiny_data, tmp_path):
-    return [
-        "--model",
-        tiny_model_dir,
-        "--data",
-        tiny_data,
-        "--out-dir",
-        tmp_path / "results",
-        "--seq-len",
-        "64",
-        "--num-train",
-        "16",
-        "--num-val",
-        "8",
-        "--num-prompts",
-        "4",
-        "--prompt-len",
-        "16",
-        "--gen-tokens",
-        "8",
-        "--epochs",
-        "1",
-    ]
+    return command_line(
+        model=tiny_model_dir,
+        data=tiny_data,
+        out_dir=tmp_path / "results",
+        **dict(TINY_COMMAND, num_train=16, epochs=1),
+    )
 
 
 def replace(args, flag, value):
@@ -125,19 +109,9 @@ def test_resume_never_unpickles_code(tiny_model_dir, tiny_data, tmp_path, capsys
     pwned = tmp_path / "pwned"
     with open(run / "checkpoint" / "trainer_state.pt", "wb") as f:
         pickle.dump({"step": 1, "x": Exploit(pwned)}, f)
-    args = [
-        "--model",
-        tiny_model_dir,
-        "--data",
-        tiny_data,
-        "--out-dir",
-        tmp_path,
-        "--run-name",
-        "r",
-        "--resume",
-        "--epochs",
-        "2",
-    ]
+    args = command_line(
+        model=tiny_model_dir, data=tiny_data, out_dir=tmp_path, run_name="r", resume=True, epochs=2
+    )
     code, err = cli(args, capsys)
     assert code == 2 and len(err) == 1 and "is not a checkpoint this kit wrote" in err[0]
     assert not pwned.exists()
@@ -213,36 +187,17 @@ def test_a_non_finite_or_non_positive_lr_is_refused(base_args, tmp_path, capsys,
 def test_weights_that_become_non_finite_stop_the_run_before_any_save(
     tiny_model_dir, tiny_data, tmp_path, capsys
 ):
-    args = [
-        "--model",
-        tiny_model_dir,
-        "--data",
-        tiny_data,
-        "--out-dir",
-        tmp_path,
-        "--run-name",
-        "huge",
-        "--seq-len",
-        "64",
-        "--num-train",
-        "24",
-        "--num-val",
-        "8",
-        "--num-prompts",
-        "4",
-        "--prompt-len",
-        "16",
-        "--gen-tokens",
-        "8",
-        "--epochs",
-        "3",
-        "--save-every",
-        "1",
-        "--eval-every",
-        "100",
-        "--lr",
-        "1e30",
-    ]
+    args = command_line(
+        model=tiny_model_dir,
+        data=tiny_data,
+        out_dir=tmp_path,
+        run_name="huge",
+        **TINY_COMMAND,
+        epochs=3,
+        save_every=1,
+        eval_every=100,
+        lr=1e30,
+    )
     code, err = cli(args, capsys)
     assert code == 1 and len(err) == 1
     assert re.search(r"(loss became (nan|inf)|LoRA weight became NaN/inf) at step \d", err[0])
@@ -259,19 +214,9 @@ def test_resume_takes_a_lower_learning_rate_and_records_it(
     tiny_model_dir, tiny_data, tmp_path, capsys
 ):
     tiny_run(tiny_model_dir, tiny_data, tmp_path, "r", epochs=1, eval_every=3)
-    lower = [
-        "--model",
-        tiny_model_dir,
-        "--out-dir",
-        tmp_path,
-        "--run-name",
-        "r",
-        "--resume",
-        "--epochs",
-        "2",
-        "--lr",
-        "5e-3",
-    ]
+    lower = command_line(
+        model=tiny_model_dir, out_dir=tmp_path, run_name="r", resume=True, epochs=2, lr=5e-3
+    )
     assert cli(lower, capsys)[0] == 0
     records = hyperfit.read_jsonl(tmp_path / "r" / "metrics.jsonl")
     assert [(r["step"], r["lr"]) for r in records] == [(0, 1e-2), (3, 1e-2), (6, 5e-3)]
@@ -512,34 +457,15 @@ def test_paths_inside_the_kit_are_recorded_relative_to_it(tiny_model_dir, tmp_pa
 def test_a_sigterm_saves_and_exits_130(tiny_model_dir, tiny_data, tmp_path):
     """A real process stopped by SIGTERM mid-run: it finishes the step, saves, says how to
     resume."""
-    args = [
-        sys.executable,
-        str(ROOT / "hyperfit.py"),
-        "--model",
-        tiny_model_dir,
-        "--data",
-        tiny_data,
-        "--out-dir",
-        tmp_path,
-        "--run-name",
-        "t",
-        "--seq-len",
-        "64",
-        "--num-train",
-        "24",
-        "--num-val",
-        "8",
-        "--num-prompts",
-        "4",
-        "--prompt-len",
-        "16",
-        "--gen-tokens",
-        "8",
-        "--epochs",
-        "400",
-        "--eval-every",
-        "1000",
-    ]
+    args = [sys.executable, ROOT / "hyperfit.py"] + command_line(
+        model=tiny_model_dir,
+        data=tiny_data,
+        out_dir=tmp_path,
+        run_name="t",
+        **TINY_COMMAND,
+        epochs=400,
+        eval_every=1000,
+    )
     process = subprocess.Popen(
         [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
