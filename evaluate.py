@@ -1157,12 +1157,32 @@ def run_lock(setup, out_dir):
     return hyperfit.RunLock(run, "evaluate.py " + " ".join(sys.argv[1:]))
 
 
-def evaluate(run_dir=None, model=None, modes=None, num_prompts=None, new_tokens=None,
-             block_ngrams=BLOCK_NGRAMS, top_p=TOP_P, temperature=TEMPERATURE, top_k=TOP_K,
-             batch_size=BATCH_SIZE, seed=SEED, quant=None, dtype=None, out_dir=None,
-             sharpness_seqs=None, device=None, dense=None, annotate_tokens=ANNOTATE_TOKENS,
-             data=None, seq_len=None, num_train=None, num_val=None, prompt_len=None,
-             progress=True):  # fmt: skip
+def evaluate(
+    run_dir=None,
+    model=None,
+    modes=None,
+    num_prompts=None,
+    new_tokens=None,
+    block_ngrams=BLOCK_NGRAMS,
+    top_p=TOP_P,
+    temperature=TEMPERATURE,
+    top_k=TOP_K,
+    batch_size=BATCH_SIZE,
+    seed=SEED,
+    quant=None,
+    dtype=None,
+    out_dir=None,
+    sharpness_seqs=None,
+    device=None,
+    dense=None,
+    annotate_tokens=ANNOTATE_TOKENS,
+    data=None,
+    seq_len=None,
+    num_train=None,
+    num_val=None,
+    prompt_len=None,
+    progress=True,
+):
     """Evaluate a hyperfitted run (`run_dir`) or an original model (`model` alone) and write
     generations.jsonl, table.md, paper_comparison.md, annotate.html (+ its key) and summary.json
     (last: it marks a complete evaluation) to `out_dir` (default <run_dir>/eval, or
@@ -1800,7 +1820,8 @@ def study_run(run_dir, training, evaluation, progress):
 
 
 def study_row(run_dir):
-    """One run's numbers for the study table: the end of training and its evaluation."""
+    """One run's numbers for the study table: the end of training (and the final model's loss on
+    its training sequences) and its evaluation."""
     config = hyperfit.read_json(run_dir / "config.json", "the study's run is damaged")
     records = hyperfit.read_jsonl(run_dir / "metrics.jsonl")
     summary = hyperfit.read_json(run_dir / "eval" / "summary.json", "the run's evaluation")
@@ -1811,6 +1832,7 @@ def study_row(run_dir):
         order_seed=config["args"]["order_seed"],
         steps=last["step"],
         train_loss=last["train_loss"],
+        final_train_loss=final_train_loss(run_dir),
         val_loss=last["val_loss"],
         val_entropy=last["val_entropy"],
         val_top1_prob=last["val_top1_prob"],
@@ -1828,22 +1850,33 @@ def study_row(run_dir):
     return row
 
 
+def load_run(run_dir, device=None):
+    """A finished run's models (Nets) and its exact data split, for the studies' measurements."""
+    setup = resolve_setup(run_dir)
+    tokenizer = hyperfit.load_tokenizer(setup["model"])
+    s = setup["split"]
+    texts = hyperfit.load_texts(s["data"])
+    splits = hyperfit.make_splits(
+        tokenizer, texts, s["seq_len"], s["num_train"], s["num_val"], s["seed"]
+    )
+    return load_nets(setup, device, dense=None), splits
+
+
+@torch.no_grad()
+def final_train_loss(run_dir, device=None):
+    """The hyperfitted model's mean next-token loss (nats) on its own training sequences, after
+    training: how near zero hyperfitting took it (metrics.jsonl's train_loss is the mean over the
+    steps since the previous validation)."""
+    nets, splits = load_run(run_dir, device)
+    with nets.use("hyperfitted") as net:
+        return hyperfit.token_statistics(net, splits["train"], SCORE_BATCH_SIZE)["loss"]
+
+
 @torch.no_grad()
 def validation_top1(run_dir, device=None):
     """The top-1 next token at every validation position of a run's hyperfitted model and of the
     original model (LongTensors [N, T-1]), for the shuffle study."""
-    setup = resolve_setup(run_dir)
-    tokenizer = hyperfit.load_tokenizer(setup["model"])
-    s = setup["split"]
-    splits = hyperfit.make_splits(
-        tokenizer,
-        hyperfit.load_texts(s["data"]),
-        s["seq_len"],
-        s["num_train"],
-        s["num_val"],
-        s["seed"],
-    )
-    nets = load_nets(setup, device, dense=None)
+    nets, splits = load_run(run_dir, device)
     top1 = {}
     for which in ("hyperfitted", "original"):
         with nets.use(which) as net:

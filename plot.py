@@ -462,7 +462,9 @@ def plot_data_size_study(study):
         PAPER_TTR_DROPS_AT, ls=":", color=STUDY_MARKER, label="paper: TTR drops at 8 (= batch)"
     )
     ttr.set(title="(a) TTR of 96-token continuations", ylabel="TTR", ylim=(0, 1.02))
-    loss.plot(*_study_series(rows, "train_loss"), "-o", color="C0", label="train (last epoch)")
+    loss.plot(
+        *_study_series(rows, "final_train_loss"), "-o", color="C0", label="train (the final model)"
+    )
     loss.plot(*_study_series(rows, "val_loss"), "--o", color="C3", label="validation")
     loss.set(title="(b) loss at the end of training", ylabel="nats / token", yscale="log")
     overlap.plot(
@@ -562,7 +564,7 @@ STUDY_COLUMNS = [
     ("num_train", "sequences", "{}"),
     ("order_seed", "order seed", "{}"),
     ("steps", "steps", "{}"),
-    ("train_loss", "train loss", "{:.3f}"),
+    ("final_train_loss", "final train loss", "{:.3f}"),
     ("val_loss", "val loss", "{:.3f}"),
     ("val_entropy", "entropy", "{:.2f}"),
     ("val_top1_prob", "top-1 prob", "{:.3f}"),
@@ -612,7 +614,9 @@ def study_report(study, figure_name):
         "",
         f"Training: {json.dumps(t)}. Evaluation: {json.dumps(e)}. TTR, overlap, Dataset-BLEU and "
         "Self-BLEU score the 96-token greedy continuations of the same prompts in every run (the "
-        "paper's diversity table); wall s = training + evaluation.",
+        "paper's diversity table); final train loss = the trained model's loss on its own "
+        "training sequences; val loss, entropy, top-1 prob = the end of training on validation "
+        "text; wall s = training + evaluation.",
         "",
     ]
     return "\n".join(lines)

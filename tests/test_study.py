@@ -54,6 +54,7 @@ def test_one_ordinary_run_per_size(data_size_study):
             "hyperfitted_greedy.overlap_gt10_share_first96",
             "val_loss",
             "train_loss",
+            "final_train_loss",
         ):
             assert row[key] is not None, key
     assert json.loads((folder / "study.json").read_text())["rows"] == study["rows"]
