@@ -772,10 +772,11 @@ def bos_prefix(tokenizer):
 def make_splits(tokenizer, texts, seq_len, num_train, num_val, seed=0):
     """Cut every text into non-overlapping blocks of `seq_len` tokens, shuffle the blocks with
     `seed` and deal them out: the first `num_val` validate (their starts are the prompts), the
-    next `num_train` train, and every other block is held out (evaluate.py takes its prompts from
-    validation + held-out blocks). A block belongs to one split only, so the splits never share
-    text. Validation is dealt first, so it stays the same whatever --num-train is, and a larger
-    training set holds every smaller one (the data-size study compares sizes on equal terms).
+    next `num_train` train, and every other block is held out, dealt from the far end of the
+    order (evaluate.py takes its prompts from validation + held-out blocks). A block belongs to
+    one split only, so the splits never share text. Validation is dealt first and held-out text
+    last, so neither moves with --num-train, and a larger training set holds every smaller one:
+    the data-size study compares sizes on the same validation text and prompts.
 
     Where the tokenizer starts a text with BOS, every block starts with it too, as the official
     code's sequences do (a document's first 256 tokens, BOS included): `seq_len` counts it.
@@ -800,7 +801,7 @@ def make_splits(tokenizer, texts, seq_len, num_train, num_val, seed=0):
     dealt = dict(
         val=order[:num_val],
         train=order[num_val : num_val + num_train],
-        heldout=order[num_val + num_train :],
+        heldout=order[num_val + num_train :][::-1],
     )
     splits = {
         k: torch.tensor([blocks[i] for i in v], dtype=torch.long).view(len(v), seq_len)

@@ -475,7 +475,7 @@ def plot_data_size_study(study):
     )
     overlap.plot(*PAPER_OVERLAP, "v", color=STUDY_MARKER, ms=9, label="paper at 2,000: < 2 %")
     overlap.set(
-        title="(c) continuations sharing > 10 tokens with training",
+        title="(c) overlap > 10 tokens with training",
         ylabel="share",
         ylim=(-0.02, 1.02),
     )
@@ -623,13 +623,18 @@ def study_report(study, figure_name):
 
 
 def write_study(study_dir, svg=False):
-    """Check study.json and its runs, then write the study's figure and report.md (each run folder
-    keeps its own; `python plot.py <study>/<run>` draws one)."""
+    """Check study.json and its runs, then write each run's figures and report.md (which the
+    study's report links) and the study's figure and report.md."""
     study_dir = Path(study_dir)
     study = _read_study(study_dir)
+    runs = [study_dir / row["run"] for row in study["rows"]]
+    for run in runs:  # check every run before writing anything
+        if (problem := _problem(run)) is not None:
+            raise PlotInputError(problem)
     figure = plot_study(study)
     report = study_report(study, "study.png")
-    written = _save(figure, study_dir / "study.png", svg)
+    written = [path for run in runs for path in plot_run(run, svg=svg)]
+    written += _save(figure, study_dir / "study.png", svg)
     _write_atomic(study_dir / "report.md", report.encode("utf-8"))
     return written + [str(study_dir / "report.md")]
 

@@ -52,9 +52,11 @@ def test_validation_and_prompts_do_not_move_with_the_training_set_size(tokenizer
     assert small["val"].equal(large["val"])
     assert small["sources"]["val"] == large["sources"]["val"]
     assert large["train"][:8].equal(small["train"])
-    prompts_small = [*small["sources"]["val"], *small["sources"]["heldout"]][:10]
-    prompts_large = [*large["sources"]["val"], *large["sources"]["heldout"]][:10]
+    # evaluate.py's prompts: validation blocks, then held-out ones (here 10 of each)
+    prompts_small = [*small["sources"]["val"], *small["sources"]["heldout"]][:20]
+    prompts_large = [*large["sources"]["val"], *large["sources"]["heldout"]][:20]
     assert prompts_small == prompts_large
+    assert small["heldout"][:10].equal(large["heldout"][:10])
 
 
 def test_split_is_deterministic_in_the_seed(tokenizer, works):

@@ -21,7 +21,9 @@ TRAINING = dict(
     lr=1e-2,
     quant="4bit",
 )
-EVALUATION = dict(num_prompts=6, new_tokens=100, sharpness_seqs=2, batch_size=8)
+EVALUATION = dict(  # more prompts than validation sequences: held-out blocks prompt too
+    num_prompts=12, new_tokens=100, sharpness_seqs=2, batch_size=8
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,7 @@ def test_validation_and_prompts_are_the_same_at_every_size(data_size_study, tiny
             ]
         )
         val.append(hyperfit.read_jsonl(folder / name / "metrics.jsonl")[0]["val_loss"])
-    assert prompts[0] == prompts[1] and len(prompts[0]) == 6
+    assert prompts[0] == prompts[1] and len(prompts[0]) == 12
     assert val[0] == val[1]  # step 0: the original model on the same validation text
 
 
@@ -108,6 +110,9 @@ def test_plot_draws_the_study(data_size_study, capsys):
     assert (folder / "study.png").exists() and "[n16](n16/report.md)" in (
         folder / "report.md"
     ).read_text()
+    for run in ("n8", "n16"):  # the links lead somewhere: each run has its own report
+        assert (folder / run / "report.md").exists()
+        assert (folder / run / "eval" / "decoding_comparison.png").exists()
 
 
 def test_the_shuffle_study_compares_top1_predictions(tiny_model_dir, tiny_data, tmp_path):
