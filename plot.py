@@ -624,10 +624,11 @@ def study_report(study, figure_name):
 
 def write_study(study_dir, svg=False):
     """Check study.json and its runs, then write each run's figures and report.md (which the
-    study's report links) and the study's figure and report.md."""
+    study's report links) and the study's figure and report.md. A run folder that is not there
+    (study.json copied alone) is left out: study.json holds the numbers the study needs."""
     study_dir = Path(study_dir)
     study = _read_study(study_dir)
-    runs = [study_dir / row["run"] for row in study["rows"]]
+    runs = [study_dir / row["run"] for row in study["rows"] if (study_dir / row["run"]).exists()]
     for run in runs:  # check every run before writing anything
         if (problem := _problem(run)) is not None:
             raise PlotInputError(problem)

@@ -167,9 +167,12 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(
         return real_batches(*args)
 
     monkeypatch.setattr(hyperfit, "global_batches", batches_then_interrupt)
+    # what was there before (SIG_IGN, not Python's handler, where the shell started pytest in the
+    # background)
+    handler_before = signal.getsignal(signal.SIGINT)
     with pytest.raises(hyperfit.RunInterrupted, match="interrupted at step 5/9.*--resume"):
         tiny_run(tiny_model_dir, tiny_data, tmp_path, "resumed", **settings)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
     state = torch.load(tmp_path / "resumed" / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 5 and not (tmp_path / "resumed" / "adapter").exists()
     monkeypatch.setattr(hyperfit, "global_batches", real_batches)
