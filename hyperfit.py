@@ -589,6 +589,8 @@ def load_model(model=DEFAULT_MODEL, quant="4bit", adapter=None, device=None, dty
         for module in net.modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 module.support_avx512bf16_for_cpu = False
+    if device.type == "cpu":
+        release_file_mapping(net)
     net.config.pad_token_id = tokenizer.pad_token_id
     net.generation_config.pad_token_id = tokenizer.pad_token_id
     if adapter is not None:
@@ -596,6 +598,22 @@ def load_model(model=DEFAULT_MODEL, quant="4bit", adapter=None, device=None, dty
 
         net = PeftModel.from_pretrained(net, adapter, is_trainable=False)
     return net, tokenizer
+
+
+@torch.no_grad()
+def release_file_mapping(net):
+    """Give every floating-point tensor of a CPU model memory of its own. transformers reads
+    safetensors through a memory map and keeps the tensors it does not quantize (embeddings,
+    norms) as views of it, which keeps the whole file mapped: every page that quantization read
+    stays resident (~400 MB for SmolLM2, more than its 4-bit weights). Copying those few tensors
+    lets the file go. Tied weights stay tied (they are one Parameter)."""
+    for module in net.modules():
+        for param in module.parameters(recurse=False):
+            if param.dtype.is_floating_point:
+                param.data = param.data.clone()
+        for name, buffer in module.named_buffers(recurse=False):
+            if buffer is not None and buffer.dtype.is_floating_point:
+                module._buffers[name] = buffer.clone()
 
 
 def add_lora(net, r=16, alpha=32, last_layers=None, gradient_checkpointing=False):

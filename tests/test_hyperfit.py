@@ -2,6 +2,9 @@
 exactly, it is deterministic, and the training step is the paper's."""
 
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +241,15 @@ def test_dense_copy_matches_the_quantized_lora_model(tiny_model_dir, compute_dty
             original = hyperfit.dense_copy(net)(input_ids=ids).logits
             assert (original - net(input_ids=ids).logits.float()).abs().mean() < tolerance
     assert (tuned - original).abs().mean() > 10 * tolerance  # the adapter does change the net
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+@pytest.mark.parametrize("quant", ["4bit", "none"])
+def test_a_cpu_model_lets_its_weights_file_go(tiny_model_dir, tmp_path, quant):
+    """transformers keeps the tensors it does not quantize as views of the memory-mapped
+    safetensors file, which keeps every page quantization read resident (~400 MB for SmolLM2);
+    load_model gives them memory of their own, so the file is unmapped."""
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")  # a path no other test maps
+    net, _ = hyperfit.load_model(str(folder), quant, device="cpu", dtype="float32")
+    assert str(folder) not in Path("/proc/self/maps").read_text()
+    assert net(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
