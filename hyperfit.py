@@ -858,18 +858,6 @@ class StepProgress:
         return scores
 
 
-class SuppressTokens:
-    """A logits processor that forbids the tokens `ids` (the EOS tokens: every continuation runs to
-    its full length)."""
-
-    def __init__(self, ids):
-        self.ids = [i for i in ids if i is not None]
-
-    def __call__(self, input_ids, scores):
-        scores[:, self.ids] = -math.inf
-        return scores
-
-
 def eos_ids(net):
     """The ids that end a text for `net` (its generation config's EOS, one or several)."""
     eos = net.generation_config.eos_token_id
@@ -892,7 +880,7 @@ def generate(net, prompt_ids, new_tokens, batch_size=16, do_sample=False, temper
     progress bar over token steps (None: no bar).
     Returns LongTensor [P, new_tokens] of generated ids (the prompt not included)."""
     from tqdm.auto import tqdm
-    from transformers import LogitsProcessorList
+    from transformers import LogitsProcessorList, SuppressTokensLogitsProcessor
 
     device = next(net.parameters()).device
     was_training = net.training
@@ -907,7 +895,8 @@ def generate(net, prompt_ids, new_tokens, batch_size=16, do_sample=False, temper
         total=len(starts) * new_tokens, desc=desc, unit="tok", disable=desc is None, leave=False
     )
     first = [observer] if observer is not None else []
-    processors = first + [SuppressTokens(eos_ids(net))] + list(logits_processor or [])
+    no_eos = SuppressTokensLogitsProcessor(eos_ids(net), device=device)
+    processors = first + [no_eos] + list(logits_processor or [])
     processors = LogitsProcessorList(processors + [StepProgress(bar)])
     outputs = []
     for start in starts:

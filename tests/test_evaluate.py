@@ -502,3 +502,16 @@ def test_help_and_cli_exit_code(tiny_hyperfitted, capsys):
     assert done.stderr.strip().splitlines() == [
         "evaluate.py: --batch-size must be a positive integer, got 0"
     ]
+
+
+def test_generation_never_ends_early(tiny_net, monkeypatch):
+    """EOS is banned: with EOS set to the token greedy decoding would take first, every row still
+    runs to its full length without it (the paper's fixed-length continuations)."""
+    prompts = torch.randint(0, 384, (4, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        favourite = tiny_net(input_ids=prompts).logits[:, -1].argmax(-1)
+    eos = favourite.tolist()
+    monkeypatch.setattr(tiny_net.generation_config, "eos_token_id", eos)
+    out = hyperfit.generate(tiny_net, prompts, 12, batch_size=4)
+    assert out.shape == (4, 12)
+    assert not torch.isin(out, torch.tensor(eos)).any()
