@@ -629,9 +629,7 @@ def write_study(study_dir, svg=False):
     study_dir = Path(study_dir)
     study = _read_study(study_dir)
     runs = [study_dir / row["run"] for row in study["rows"] if (study_dir / row["run"]).exists()]
-    for run in runs:  # check every run before writing anything
-        if (problem := _problem(run)) is not None:
-            raise PlotInputError(problem)
+    _check_runs(runs)
     figure = plot_study(study)
     report = study_report(study, "study.png")
     written = [path for run in runs for path in plot_run(run, svg=svg)]
@@ -1381,10 +1379,16 @@ def main(argv=None):
     return 0
 
 
-def _plot(args):
-    for run in args.runs:  # check every run before writing anything
+def _check_runs(runs):
+    """Raise PlotInputError for the first run that can't be plotted: every input is checked
+    before anything is written."""
+    for run in runs:
         if (problem := _problem(run)) is not None:
             raise PlotInputError(problem)
+
+
+def _plot(args):
+    _check_runs(args.runs)
     if args.judgments:
         if len(args.runs) != 1:
             raise PlotInputError("--judgments scores one run: pass its folder alone")
