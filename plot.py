@@ -1,48 +1,55 @@
 """
-Figures and markdown reports for hyperfitting runs, studies and the human-preference study.
+Every figure and every Markdown file of the kit, rendered from the JSON that hyperfit.py,
+evaluate.py, studies.py and annotate.py write. Standalone and torch-free (matplotlib, numpy): it
+imports no other file of the kit, and pasted into a notebook cell it only defines its functions.
 
-    python plot.py results/<run>                       # every figure of one run + report.md
+    python plot.py results/<run>                       # every figure and page of one run
     python plot.py results/a results/b --out cmp.png   # overlay the training curves of runs
     python plot.py results/studies/data-size           # a study's figure + report.md
-    python plot.py results/<run> --judgments j1.json j2.json j3.json   # score the human study
 
-Reads what hyperfit.py and evaluate.py write (config.json, metrics.jsonl, eval/summary.json,
-eval/generations.jsonl, study.json, eval/annotate_key.json) and writes next to them:
+Reads config.json, metrics.jsonl, eval/summary.json, eval/generations.jsonl, study.json,
+human_study/annotate_key.json and human_study/preference.json, and data/paper.json (the paper's
+numbers), and writes next to them:
     training_curves.png        loss / entropy / top-1 probability / TTR during training (Fig. 2)
-    eval/decoding_comparison.png, eval/ttr_by_position.png
+    eval/table.md              the paper's tables, one row per decoding mode (and the human text)
+    eval/paper_comparison.md   this run beside the paper's numbers, finding by finding
+    eval/decoding_comparison.png, eval/ttr_by_position.png, eval/quality.png
     eval/repetition.html       continuations with repeated n-grams highlighted (paper Fig. 1)
-    eval/preference.md/.png    the human study's scores (with --judgments)
-    report.md                  links all of the above, eval/table.md, eval/paper_comparison.md
-Every input is read and checked before anything is written; bad input is one line and exit 2.
-
-Standalone and torch-free (matplotlib, numpy, krippendorff): it imports no other file of the kit,
-and pasted into a notebook cell it only defines its functions. Every figure function returns a
-matplotlib Figure: `from plot import plot_training_curves; plot_training_curves("results/x")`.
+    human_study/preference.md/.png   the human study's scores (after annotate.py --judgments)
+    report.md                  links all of the above
+Every input is read and every file rendered before the first one is written; bad input is one
+line and exit 2. Every figure function returns a matplotlib Figure:
+`from plot import plot_training_curves; plot_training_curves("results/x")`.
 """
 
+import os
+import signal
+import sys
+
+if __name__ == "__main__" and "__file__" in globals():  # Ctrl-C while the imports below load
+    signal.signal(signal.SIGINT, lambda *_: os._exit(print("interrupted", file=sys.stderr) or 130))
+
 import argparse
+import hashlib
 import html
 import io
 import json
-import os
-import sys
 import warnings
 from pathlib import Path
 
-import krippendorff
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure  # Figure() directly, not pyplot: no GUI window, no leaks
 from matplotlib.patches import Patch
 
 DPI = 150
-# one colour per decoding mode, used by every figure; original model warm, hyperfitted model cool
 MODE_COLORS = {
     "original_greedy": "#d62728",
     "original_top_p": "#ff7f0e",
     "original_entropy_matched": "#bcbd22",
     "hyperfitted_greedy": "#1f77b4",
     "hyperfitted_blocked": "#17becf",
+    "human": "#2ca02c",
 }
 MODE_LABELS = {
     "original_greedy": "original greedy",
@@ -50,15 +57,14 @@ MODE_LABELS = {
     "original_entropy_matched": "original, entropy-matched T",
     "hyperfitted_greedy": "hyperfitted greedy",
     "hyperfitted_blocked": "hyperfitted + citation blocking",
+    "human": "human text",
 }
 FALLBACK_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#2ca02c"]
-# (field in metrics.jsonl, panel title, y-axis label) for the training-curve panels below the loss
 TRAINING_PANELS = [
     ("val_entropy", "(b) mean predictive entropy (validation)", "entropy (nats)"),
     ("val_top1_prob", "(c) mean top-1 probability (validation)", "top-1 probability"),
     ("ttr_last96", "(d) type-token ratio of greedy continuations", "TTR (last 96 tokens)"),
 ]
-# (metric key in eval/summary.json, subplot title, y-axis label) for the decoding comparison
 COMPARISON_METRICS = [
     ("ttr_first96", "TTR, 96-token continuations ↑", "type-token ratio (0–1)"),
     ("simctg_diversity", "SimCTG diversity ↑", "diversity (0–1)"),
@@ -68,38 +74,14 @@ COMPARISON_METRICS = [
 TRAINING_FIGSIZE = (7.0, 10.0)
 COMPARISON_FIGSIZE = (12.0, 4.5)
 TTR_POSITION_FIGSIZE = (8.0, 4.5)
+QUALITY_FIGSIZE = (11.0, 5.0)
 REPETITION_NGRAM = 3
-
-
-JUDGMENTS_FORMAT = "hyperfit-judgments-1"  # must equal annotation.JUDGMENTS_FORMAT (the page's)
-CHOICES = ("left", "equal", "right")
-# a judgment from the model's point of view; the order is the ordinal scale of Krippendorff's alpha
-HUMAN_BETTER, EQUAL, MODEL_BETTER = 0, 1, 2
-N_BOOT = 10_000
 CI_LEVEL = 95
 PREFERENCE_FIGSIZE = (7.5, 4.8)
-# Carlsson et al. (ICLR 2025), human preference: % of judgments with the model text judged better
-# than or equal to the human continuation (3 annotators). None = not in the paper.
-PAPER_PREFERENCE = [
-    (
-        "TinyLlama 1.1B",
-        {"original_greedy": 4.9, "original_top_p": 21.1, "hyperfitted_greedy": 34.3},
-    ),
-    ("DeepSeek 7B", {"hyperfitted_greedy": 45.2, "hyperfitted_blocked": 44.1}),
-    (
-        "Llama 3.1 8B",
-        {"original_top_p": 38.5, "hyperfitted_greedy": 42.9, "hyperfitted_blocked": 41.2},
-    ),
-    ("Llama 3.1 70B", {"original_greedy": 34.4, "hyperfitted_greedy": 52.4}),
-]
 PAPER_MODES = ("original_greedy", "original_top_p", "hyperfitted_greedy", "hyperfitted_blocked")
-
-
 STUDY_FIGSIZE = (13.0, 7.5)
 STUDY_MARKER = "#555555"  # the paper's statements on the study figures
-PAPER_TOP1_CHANGED = 0.30  # shuffling the training data changes ~30 % of top-1 predictions
-PAPER_OVERLAP = (2000, 0.02)  # with 2,000 training sequences < 2 % of outputs overlap > 10 tokens
-PAPER_TTR_DROPS_AT = 8  # TTR holds down to 16 training sequences and drops at 8 (= the batch)
+PAPER_FILE = "data/paper.json"  # the paper's numbers, with their sources
 
 
 class PlotInputError(ValueError):
@@ -109,6 +91,23 @@ class PlotInputError(ValueError):
 
 # -----------------------------------------------------------------------------
 # reading run folders
+
+
+def kit_root():
+    """The kit's folder (data/paper.json lives there), or the working directory when the code was
+    pasted into a notebook cell."""
+    file = globals().get("__file__")
+    return Path(file).resolve().parent if file else Path.cwd()
+
+
+def read_paper():
+    """The paper's numbers (data/paper.json)."""
+    return _read_json(kit_root() / PAPER_FILE, "restore data/paper.json from the kit")
+
+
+def plain(text):
+    """A name shown in a figure, never read as mathtext: run names may hold '$'."""
+    return str(text).replace("$", r"\$")
 
 
 def _read_jsonl(path):
@@ -193,7 +192,7 @@ def _mode_label(mode, summary=None):
 
 
 # -----------------------------------------------------------------------------
-# figures
+# figures of a run
 
 
 def _series(records, x, field, steps_per_epoch=None):
@@ -235,10 +234,10 @@ def _training_lines(axes, run, color, single):
         ]
         return lines + [(ax, f, "-o", "C2", "during training") for ax, f in zip(axes[1:], panels)]
     lines = [
-        (axes[0], "train_loss", "-", color, run.name),
+        (axes[0], "train_loss", "-", color, plain(run.name)),
         (axes[0], "val_loss", "--", color, "_val"),
     ]
-    return lines + [(ax, f, "-", color, "_" + run.name) for ax, f in zip(axes[1:], panels)]
+    return lines + [(ax, f, "-", color, "_" + plain(run.name)) for ax, f in zip(axes[1:], panels)]
 
 
 def plot_training_curves(runs, x="epoch"):
@@ -266,7 +265,7 @@ def plot_training_curves(runs, x="epoch"):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="best", fontsize=8, title=None if single else "run")
     name = _read_config(runs[0]).get("run_name") or Path(runs[0]).name
-    fig.suptitle(f"Hyperfitting: {name if single else f'{len(runs)} runs'}")
+    fig.suptitle(f"Hyperfitting: {plain(name) if single else f'{len(runs)} runs'}")
     return fig
 
 
@@ -334,6 +333,60 @@ def plot_ttr_by_position(summary_or_path):
     ax.set_title("Type-token ratio along the continuation (lower = looping)")
     if ax.lines:
         ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+def plot_quality(summary_or_path):
+    """Diversity against quality, one point per mode and the human text as its own point: (a)
+    TTR of the continuations against their share of unknown words, (b) TTR against MAUVE (with
+    its bootstrap interval). More varied is better only where the words stay real and the text
+    stays near the human text's distribution."""
+    summary = _load_summary(summary_or_path)
+    modes = _ordered_modes(list(summary["modes"]))
+    fig = Figure(figsize=QUALITY_FIGSIZE, layout="constrained")
+    words, mauve = fig.subplots(1, 2)
+    for mode in modes:
+        m = summary["modes"][mode]["metrics"]
+        ttr, unknown, score = (
+            m.get(k, {}).get("mean") for k in ("ttr", "unknown_word_share", "mauve")
+        )
+        style = dict(
+            color=mode_color(mode),
+            marker="*" if mode == "human" else "o",
+            s=160 if mode == "human" else 60,
+        )
+        if ttr is not None and unknown is not None:
+            words.scatter(ttr, 100 * unknown, label=_mode_label(mode, summary), **style)
+        if ttr is not None and score is not None:
+            low, high = m["mauve"].get("ci") or (score, score)
+            mauve.errorbar(
+                ttr, score, yerr=[[score - low], [high - score]], color=style["color"], capsize=3
+            )
+            mauve.scatter(ttr, score, **style)
+    human = (
+        summary["modes"]
+        .get("human", {})
+        .get("metrics", {})
+        .get("unknown_word_share", {})
+        .get("mean")
+    )
+    if human is not None:
+        words.axhline(
+            100 * human, ls=":", color=MODE_COLORS["human"], label="the human text's share"
+        )
+    words.set(
+        title="(a) diversity vs unknown words",
+        xlabel="TTR (whole continuation) →",
+        ylabel="unknown words (% of words) ↓",
+    )
+    mauve.set(
+        title="(b) diversity vs MAUVE against the human text",
+        xlabel="TTR (whole continuation) →",
+        ylabel="MAUVE ↑ (indicative at few samples)",
+        ylim=(0, 1.02),
+    )
+    fig.legend(*words.get_legend_handles_labels(), loc="outside lower center", ncol=4, fontsize=8)
+    fig.suptitle("More varied, or better? (one point per decoding mode)")
     return fig
 
 
@@ -423,7 +476,467 @@ def repetition_html(generations_path, num_prompts=4, n=REPETITION_NGRAM):
 
 
 # -----------------------------------------------------------------------------
-# studies (evaluate.py --study): metrics against data size, and what the data order changes
+# table.md: the paper's tables, rows = decoding modes
+
+
+TABLE_SECTIONS = [
+    (
+        "Diversity and memorisation, the paper's table (96-token continuations: the first 96 new "
+        "tokens)",
+        [
+            ("ttr_first96", "TTR ↑", 3),
+            ("self_bleu4_texygen_first96", "Self-BLEU-4 ↓", 2),
+            ("dataset_bleu4_first96", "Dataset-BLEU-4", 2),
+            ("overlap_gt10_share_first96", "overlap > 10 tokens ↓", 3),
+        ],
+    ),
+    (
+        "Repetition over the whole continuation ({n} tokens)",
+        [
+            ("ttr_last96_of_224", "TTR 129-224 ↑", 3),
+            ("ttr_last96", "TTR last 96 ↑", 3),
+            ("ttr", "TTR all ↑", 3),
+            ("simctg_rep_2", "rep-2 % ↓", 2),
+            ("simctg_rep_3", "rep-3 % ↓", 2),
+            ("simctg_rep_4", "rep-4 % ↓", 2),
+            ("simctg_diversity", "diversity ↑", 3),
+            ("distinct_2", "distinct-2 ↑", 3),
+            ("self_bleu4_texygen", "Self-BLEU-4 ↓", 2),
+            ("loop_share", "ends in loop ↓", 3),
+        ],
+    ),
+    (
+        "Memorisation and fluency ({n} tokens)",
+        [
+            ("dataset_bleu4", "Dataset-BLEU-4", 2),
+            ("overlap_gt10_share", "overlap > 10 tokens", 3),
+            ("longest_train_overlap", "longest shared span", 1),
+            ("ppl_original", "PPL (original)", 2),
+        ],
+    ),
+    (
+        "The original model's view of each generated token (Beyond Temperature's rank analysis)",
+        [
+            ("original_top1_share", "original's top-1 ↑", 3),
+            ("override_beyond_top10_share", "overrides ranked > 10", 3),
+        ],
+    ),
+    (
+        "Quality: real words, the training data's scripts, near the human text ({n} tokens)",
+        [
+            ("unknown_word_share", "unknown words ↓ (%)", 100),
+            ("foreign_script_share", "letters outside the training scripts ↓ (%)", 100),
+            ("ppl_original", "PPL (original)", 2),
+            ("ppl_hyperfitted", "PPL (hyperfitted)", 2),
+            ("mauve", "MAUVE vs human ↑ [95 % CI]", 3),
+        ],
+    ),
+    (
+        "The kit's token-level variants (per continuation, on token ids; not the paper's numbers)",
+        [
+            ("token_rep_2", "token rep-2", 3),
+            ("token_rep_3", "token rep-3", 3),
+            ("token_rep_4", "token rep-4", 3),
+            ("token_diversity", "token diversity", 3),
+            ("distinct_1", "distinct-1", 3),
+            ("distinct_3", "distinct-3", 3),
+            ("self_bleu4_token_ids", "Self-BLEU-4 (ids)", 2),
+        ],
+    ),
+]
+
+
+SHARPNESS_COLUMNS = [
+    ("perplexity", "perplexity", 2),
+    ("entropy", "entropy (nats)", 3),
+    ("top1", "top-1 mass", 3),
+    ("top3", "top-3 mass", 3),
+    ("top5", "top-5 mass", 3),
+]
+
+
+def cell(value, digits):
+    """A table cell: mean ± std (std None: a set-level number), [CI] where there is one. digits
+    100: a share shown in % with two decimals."""
+    if value is None or value.get("mean") is None:
+        return "–"
+    scale, digits = (100, 2) if digits == 100 else (1, digits)
+    text = f"{value['mean'] * scale:.{digits}f}"
+    if value.get("ci"):
+        return text + f" [{value['ci'][0]:.{digits}f}, {value['ci'][1]:.{digits}f}]"
+    return text + (f" ± {value['std'] * scale:.{digits}f}" if value.get("std") is not None else "")
+
+
+def format_table(summary):
+    """table.md: rows = decoding modes and the human text, columns = measures (mean ± std over
+    continuations; set-level measures without ±), then sharpness on validation text and the
+    entropy match."""
+    args, mauve = (
+        summary["args"],
+        next((i["mauve"] for i in summary["modes"].values() if "mauve" in i), None),
+    )
+    lines = [
+        f"# Evaluation of `{summary['run']}`",
+        "",
+        f"Model `{args['model']}` ({args['quant']}), {args['num_prompts']} held-out prompts of "
+        f"{args['split']['prompt_len']} tokens, {args['new_tokens']} new tokens each; `human` is "
+        "the "
+        "text that follows each prompt in its book, the same number of tokens. Definitions: "
+        "measures.py. Command:",
+        "",
+        f"    {summary['command']}",
+        "",
+    ]
+    if mauve:
+        lines += [
+            f"MAUVE: {mauve['samples']} continuations per mode against as many human ones, "
+            f"{mauve['buckets']} buckets, features from `{args.get('mauve_features', 'original')}`"
+            "; indicative below a few hundred samples "
+            f"(CI: {mauve['bootstrap']} prompt resamples).",
+            "",
+        ]
+    for title, columns in TABLE_SECTIONS:
+        lines += [
+            f"## {title.format(n=args['new_tokens'])}",
+            "",
+            "| mode | " + " | ".join(c[1] for c in columns) + " |",
+            "|---|" + "---|" * len(columns),
+        ]
+        for mode, info in summary["modes"].items():
+            cells = [cell(info["metrics"].get(k), d) for k, _, d in columns]
+            lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += sharpness_lines(summary)
+    return "\n".join(lines)
+
+
+def sharpness_lines(summary):
+    sharpness, args = summary["sharpness"], summary["args"]
+    lines = [
+        f"## Sharpness on {args['sharpness_seqs']} validation sequences",
+        "",
+        "| model | " + " | ".join(c[1] for c in SHARPNESS_COLUMNS) + " |",
+        "|---|" + "---|" * len(SHARPNESS_COLUMNS),
+    ]
+    for name in ("original", "hyperfitted"):
+        if name in sharpness:
+            cells = [f"{sharpness[name][k]:.{d}f}" for k, _, d in SHARPNESS_COLUMNS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if "val_top1_agreement" in sharpness:
+        lines += [
+            "Same top-1 token as the original model on validation text: "
+            f"{sharpness['val_top1_agreement']:.3f} of positions",
+            "",
+        ]
+    matched = summary.get("entropy_matched_temperature")
+    if matched:
+        lines += [
+            f"Entropy-matched temperature: T = {matched['temperature']:.3f} (original model "
+            f"entropy {matched['achieved_entropy']:.3f} nats; hyperfitted "
+            f"{matched['target_entropy']:.3f} nats)",
+            "",
+        ]
+    return lines
+
+
+# -----------------------------------------------------------------------------
+# paper_comparison.md: this run beside the paper's numbers, finding by finding
+
+
+def metric(summary, mode, key):
+    """A mode's mean of a metric, or None when the mode (or the metric) is missing."""
+    return ((summary["modes"].get(mode) or {}).get("metrics", {}).get(key) or {}).get("mean")
+
+
+def fmt(value, digits=3):
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def training_row(records, paper):
+    """The training curve of the run (its metrics.jsonl), as the paper's Figure 2 describes it."""
+    if len(records) < 2:
+        return []
+    first, last = records[0], records[-1]
+    ours = (
+        f"train loss {fmt(last['train_loss'])} (mean since the previous validation); val loss "
+        f"{fmt(first['val_loss'])} → {fmt(last['val_loss'])}; TTR {fmt(first['ttr_last96'])} → "
+        f"{fmt(last['ttr_last96'])}"
+    )
+    # "near zero": below a quarter of the original model's loss on the same kind of text
+    fitted = last["train_loss"] is not None and last["train_loss"] < 0.25 * first["val_loss"]
+    same = (
+        fitted and last["val_loss"] > first["val_loss"] and last["ttr_last96"] > first["ttr_last96"]
+    )
+    finding = "Training: train loss → ~0, validation loss rises, TTR rises"
+    return [
+        (finding, paper["training_curve"]["statement"], ours, "same shape" if same else "differs")
+    ]
+
+
+def ttr_row(summary, paper):
+    """The paper's TTR of 96-token continuations: hyperfitted above 0.6, originals 0.17-0.57."""
+    hyper = metric(summary, "hyperfitted_greedy", "ttr_first96")
+    originals = [metric(summary, m, "ttr_first96") for m in ("original_greedy", "original_top_p")]
+    (low, high), above = paper["ttr"]["original_range"], paper["ttr"]["hyperfitted_above"]
+    verdict = "–"
+    if hyper is not None:
+        beats = all(o is not None and hyper > o for o in originals)
+        side = "above" if hyper > above else "below"
+        verdict = f"hyperfitted {side} {above}; above every original: {beats}"
+    greedy, top_p = fmt(originals[0]), fmt(originals[1])
+    ours = f"hyperfitted greedy {fmt(hyper)}; original greedy {greedy}, top-p {top_p}"
+    theirs = f"hyperfitted > {above}; originals {low}–{high} ({paper['ttr']['models']})"
+    return ("TTR of 96-token continuations", theirs, ours, verdict)
+
+
+def direction_row(summary, key, finding, paper, expected):
+    """A finding stated as a direction ("falls" or "rises") of hyperfitted greedy against both
+    original baselines (greedy, top-p)."""
+    h, g, p = (
+        metric(summary, m, key) for m in ("hyperfitted_greedy", "original_greedy", "original_top_p")
+    )
+    verdict = "–"
+    if None not in (h, g, p):
+        observed = "falls" if h < min(g, p) else "rises" if h > max(g, p) else "between them"
+        same = "same direction" if observed == expected else "differs"
+        verdict = f"{observed} ({h - p:+.2f} vs top-p); {same}"
+    ours = f"hyperfitted {fmt(h, 2)}; original greedy {fmt(g, 2)}, top-p {fmt(p, 2)}"
+    return (f"{finding}, hyperfitted vs original", paper, ours, verdict)
+
+
+def diversity_rows(summary, paper):
+    """The paper's diversity and memorisation table, on 96-token continuations."""
+    share, below = (
+        metric(summary, "hyperfitted_greedy", "overlap_gt10_share_first96"),
+        paper["overlap"]["below"],
+    )
+    overlap = "–" if share is None else "within" if share < below else "more copying than the paper"
+    rise = f"rises ~{paper['dataset_bleu_rise']['points']:g} point"
+    return [
+        ttr_row(summary, paper),
+        direction_row(
+            summary,
+            "self_bleu4_texygen_first96",
+            "Self-BLEU-4 (Texygen)",
+            paper["self_bleu"]["statement"],
+            "falls",
+        ),
+        direction_row(summary, "dataset_bleu4_first96", "Dataset-BLEU-4", rise, "rises"),
+        (
+            "Dataset overlap: texts sharing > 10 tokens with training",
+            f"< {below:.0%} of hyperfitted texts",
+            fmt(share),
+            overlap,
+        ),
+    ]
+
+
+def sharpness_rows(summary, paper):
+    """The paper's sharpness table (Llama 3.1 8B) against this run's validation sharpness."""
+    sharp, theirs = summary["sharpness"], paper["sharpness"]
+    if "hyperfitted" not in sharp:
+        return []
+    rows = []
+    for key, name, digits in (
+        ("perplexity", "Perplexity", 1),
+        ("entropy", "Entropy (nats)", 2),
+        ("top1", "Top-1 probability mass", 3),
+    ):
+        before, after = theirs[key]
+        ours = sharp["original"][key], sharp["hyperfitted"][key]
+        same = (after > before) == (ours[1] > ours[0])
+        rows.append(
+            (
+                f"{name}, original → hyperfitted",
+                f"{theirs['model']}: {before:g} → {after:g} (×{after / before:.2f})",
+                f"{ours[0]:.{digits}f} → {ours[1]:.{digits}f} (×{ours[1] / ours[0]:.2f})",
+                "same direction" if same else "opposite direction",
+            )
+        )
+    return rows
+
+
+def position_row(summary, paper):
+    """The paper's TTR-over-position finding (Figure 9)."""
+    curves = {
+        m: i["ttr_by_position"]
+        for m, i in summary["modes"].items()
+        if m != "human" and i["ttr_by_position"]["mean"]
+    }
+    if not curves:
+        return []
+    ends = {m: (c["mean"][0], c["mean"][-1]) for m, c in curves.items()}
+    ours = "; ".join(f"{m} {a:.2f} → {b:.2f}" for m, (a, b) in ends.items())
+    falls = all(b <= a for a, b in ends.values())
+    hyper = ends.get("hyperfitted_greedy")
+    others = [v for m, v in ends.items() if m.startswith("original")]
+    higher = hyper is not None and all(hyper[0] > a for a, _ in others)
+    slower = hyper is not None and all(hyper[1] / hyper[0] > b / a for a, b in others if a)
+    verdict = (
+        f"falls for every mode: {falls}; hyperfitted starts higher: {higher}, decays more "
+        f"slowly: {slower}"
+    )
+    finding = "TTR of a 96-token window along the continuation"
+    return [(finding, paper["ttr_by_position"]["statement"], ours, verdict)]
+
+
+def blocking_rows(summary, paper):
+    """Citation blocking barely hurts (the paper: human preference)."""
+    greedy = metric(summary, "hyperfitted_greedy", "ttr_first96")
+    blocked = metric(summary, "hyperfitted_blocked", "ttr_first96")
+    if greedy is None or blocked is None:
+        return []
+    overlap = [
+        metric(summary, m, "overlap_gt10_share")
+        for m in ("hyperfitted_greedy", "hyperfitted_blocked")
+    ]
+    ours = (
+        f"TTR {greedy:.3f} → {blocked:.3f}; overlap > 10 tokens {fmt(overlap[0])} → "
+        f"{fmt(overlap[1])} (preference: the human study, annotate.py)"
+    )
+    verdict = (
+        f"TTR {'kept' if blocked > 0.9 * greedy else 'lost'} ({(blocked - greedy) / greedy:+.0%})"
+    )
+    finding = "Citation blocking (no 5-gram of the training data) barely hurts"
+    return [(finding, paper["citation_blocking"]["statement"], ours, verdict)]
+
+
+def follow_up_rows(summary, paper):
+    """Beyond Temperature: the entropy-matched control and the rank analysis."""
+    rows, theirs = [], paper["entropy_matched"]
+    matched = summary.get("entropy_matched_temperature")
+    pair = ("original_entropy_matched", "hyperfitted_greedy")
+    ttr, rep2 = (
+        [metric(summary, m, "ttr_first96") for m in pair],
+        [metric(summary, m, "simctg_rep_2") for m in pair],
+    )
+    if matched and None not in ttr and None not in rep2:
+        rows.append(
+            (
+                "Entropy-matched sampling (the original at the hyperfitted entropy) is not as "
+                "diverse",
+                f"{theirs['model']}: T = {theirs['temperature']}; TTR {theirs['ttr']} vs "
+                f"{theirs['ttr_hyperfitted']} hyperfitted; rep-2 {theirs['rep2']} vs "
+                f"{theirs['rep2_hyperfitted']}",
+                f"T = {matched['temperature']:.2f}; TTR {ttr[0]:.3f} vs {ttr[1]:.3f}; "
+                f"rep-2 {rep2[0] / 100:.3f} vs {rep2[1] / 100:.3f}",
+                "same" if ttr[1] > ttr[0] and rep2[1] < rep2[0] else "differs",
+            )
+        )
+    for key, finding, share in (
+        (
+            "original_top1_share",
+            "Hyperfitted greedy tokens that are also the original's top-1",
+            "top1_agreement",
+        ),
+        (
+            "override_beyond_top10_share",
+            "Overrides the original ranked below its top 10",
+            "overrides_beyond_top10",
+        ),
+    ):
+        ours, expected = metric(summary, "hyperfitted_greedy", key), paper[share]["share"]
+        if ours is not None:
+            shown = f"~{expected:.0%}" if share == "top1_agreement" else f"{expected:.1%}"
+            rows.append((finding, shown, f"{ours:.1%}", f"{(ours - expected) * 100:+.1f} points"))
+    return rows
+
+
+def quality_rows(summary, paper):
+    """Better, not only more varied: MAUVE against the human text (the follow-up's number), and
+    the share of unknown words beside the human text's (the kit's check; not in the paper)."""
+    greedy, top_p, human = ("hyperfitted_greedy", "original_top_p", "human")
+    rows, (low, high) = [], paper["mauve"]["range"]
+    ours = metric(summary, greedy, "mauve")
+    if ours is not None:
+        ci = summary["modes"][greedy]["metrics"]["mauve"].get("ci") or [ours, ours]
+        n = summary["modes"][greedy]["mauve"]["samples"]
+        verdict = "within" if low <= ours <= high else "below" if ours < low else "above"
+        rows.append(
+            (
+                "MAUVE of hyperfitted greedy text against the human text",
+                f"{low}–{high} (follow-up)",
+                f"{ours:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] from {n} texts; top-p "
+                f"{fmt(metric(summary, top_p, 'mauve'))}",
+                f"{verdict} the follow-up's range (indicative at {n} samples)",
+            )
+        )
+    share, theirs = (
+        metric(summary, greedy, "unknown_word_share"),
+        metric(summary, human, "unknown_word_share"),
+    )
+    if share is not None and theirs is not None:
+        rows.append(
+            (
+                "Unknown words (wordfreq) in hyperfitted greedy text, against the human text's",
+                "– (the paper reports human preference; the kit's check of real words)",
+                f"{share:.2%} vs human {theirs:.2%}; top-p "
+                f"{fmt(metric(summary, top_p, 'unknown_word_share'), 4)}",
+                "at most the human text's"
+                if share <= theirs
+                else f"{share / max(theirs, 1e-9):.1f}× the human text's",
+            )
+        )
+    return rows
+
+
+def protocol_note(summary):
+    """How this run's protocol differs from the paper's (said once, on top)."""
+    split = summary["args"]["split"]
+    return (
+        f"This run: `{summary['args']['model']}` hyperfitted with LoRA on {split['num_train']} "
+        f"sequences × {split['seq_len']} tokens; the paper: full fine-tunes of 1.1B–70B models "
+        "on 2,000 × 256 tokens for 20 epochs (the follow-up: TinyLlama, also with LoRA). "
+        "Magnitudes depend on model and data size; the directions are what compare. With a "
+        "small training set, memorisation (overlap, Dataset-BLEU) is expected to exceed the "
+        "paper's."
+    )
+
+
+def paper_comparison(summary, records, paper):
+    """paper_comparison.md: one row per finding of the paper (and its follow-up): the paper's
+    number (data/paper.json), this run's number under the same definition, and a one-line
+    verdict. `records`: the run's metrics.jsonl (the training curve)."""
+    rows = (
+        training_row(records, paper)
+        + diversity_rows(summary, paper)
+        + sharpness_rows(summary, paper)
+        + position_row(summary, paper)
+        + blocking_rows(summary, paper)
+        + follow_up_rows(summary, paper)
+        + quality_rows(summary, paper)
+    )
+    preference = "; ".join(
+        f"{entry['model']}: "
+        + ", ".join(f"{_mode_label(m)} {v}" for m, v in entry.items() if m != "model")
+        for entry in paper["human_preference"]["models"]
+    )
+    lines = [
+        f"# `{summary['run']}` beside the paper",
+        "",
+        protocol_note(summary),
+        "",
+        "Paper numbers: the kit's `data/paper.json` (Carlsson et al. 2025; Beyond Temperature, "
+        "2026), each with its source. Definitions: measures.py; the 96-token rows score the "
+        "first 96 new tokens.",
+        "",
+        "| finding | paper | this run | verdict |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    lines += [
+        "",
+        f"Human preference ({paper['human_preference']['definition']}): {preference}. This "
+        "run's: `python annotate.py <run>` builds the blind page; its scores land in "
+        "`human_study/preference.md`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# studies (studies.py): metrics against data size, what the data order changes
 
 
 def _study_series(rows, key):
@@ -440,7 +953,7 @@ def _data_size_axes(fig):
     return axes
 
 
-def plot_data_size_study(study):
+def plot_data_size_study(study, paper):
     """The data-size study: per number of training sequences (log x) the TTR of 96-token greedy
     continuations (with and without citation blocking, the original model as reference), the
     final losses, memorisation (overlap, Dataset-BLEU), Self-BLEU and sharpness; the paper's
@@ -459,7 +972,10 @@ def plot_data_size_study(study):
     ]:
         ttr.plot(*_study_series(rows, key), "-o", color=color, label=label)
     ttr.axvline(
-        PAPER_TTR_DROPS_AT, ls=":", color=STUDY_MARKER, label="paper: TTR drops at 8 (= batch)"
+        paper["studies"]["data_size"]["ttr_drops_at"],
+        ls=":",
+        color=STUDY_MARKER,
+        label="paper: TTR drops at 8 (= batch)",
     )
     ttr.set(title="(a) TTR of 96-token continuations", ylabel="TTR", ylim=(0, 1.02))
     loss.plot(
@@ -473,7 +989,8 @@ def plot_data_size_study(study):
         color="C1",
         label="hyperfitted greedy",
     )
-    overlap.plot(*PAPER_OVERLAP, "v", color=STUDY_MARKER, ms=9, label="paper at 2,000: < 2 %")
+    at = (paper["overlap"]["training_sequences"], paper["overlap"]["below"])
+    overlap.plot(*at, "v", color=STUDY_MARKER, ms=9, label="paper at 2,000: < 2 %")
     overlap.set(
         title="(c) overlap > 10 tokens with training",
         ylabel="share",
@@ -494,7 +1011,7 @@ def plot_data_size_study(study):
     return fig
 
 
-def plot_shuffle_study(study):
+def plot_shuffle_study(study, paper):
     """The shuffle study: the share of validation positions whose top-1 prediction differs
     between runs trained on the same data in another order (the paper: ~30 %), and each run's TTR
     and top-1 agreement with the original model."""
@@ -505,7 +1022,8 @@ def plot_shuffle_study(study):
     differ.bar(
         [" vs ".join(p["runs"]) for p in pairs], [p["top1_differs"] for p in pairs], color="C0"
     )
-    differ.axhline(PAPER_TOP1_CHANGED, ls="--", color=STUDY_MARKER, label="paper: ~30 %")
+    changed = paper["studies"]["shuffle"]["top1_changed"]
+    differ.axhline(changed, ls="--", color=STUDY_MARKER, label="paper: ~30 %")
     differ.set(
         title="(a) top-1 predictions that differ between orders",
         ylabel="share of validation positions",
@@ -529,10 +1047,62 @@ def plot_shuffle_study(study):
         label="top-1 agreement with the original",
         color="C7",
     )
-    runs.set_xticks(x, names)
+    runs.set_xticks(x, [plain(name) for name in names])
     runs.set(title="(b) each data order", ylim=(0, 1.02))
     runs.legend(fontsize=8)
     fig.suptitle("What the data order changes (" + _study_subtitle(study) + ")")
+    return fig
+
+
+def plot_quality_study(study, paper):
+    """The quality study: for every (learning rate, epochs) run, the TTR of its greedy text (96
+    tokens) against its share of unknown words, beside the original model's and the human
+    text's; the goal's corner shaded (TTR at least twice the original greedy's, unknown words at
+    most the human text's) and the chosen preset circled."""
+    fig = Figure(figsize=(8.5, 5.5), layout="constrained")
+    ax = fig.subplots()
+    rows, choice = study["rows"], study.get("choice", {})
+    ttr, unknown = "hyperfitted_greedy.ttr_first96", "hyperfitted_greedy.unknown_word_share"
+    for row in rows:
+        if row.get(ttr) is None or row.get(unknown) is None:
+            continue
+        color = f"C{sorted({r['lr'] for r in rows}).index(row['lr'])}"
+        marker = "o" if row["epochs"] == min(r["epochs"] for r in rows) else "s"
+        ax.scatter(
+            row[ttr],
+            100 * row[unknown],
+            color=color,
+            marker=marker,
+            s=60,
+            label=f"lr {row['lr']:g}, {row['epochs']} epochs",
+        )
+        if row["run"] == choice.get("run"):
+            ax.scatter(
+                row[ttr],
+                100 * row[unknown],
+                s=400,
+                facecolors="none",
+                edgecolors="black",
+                label="chosen",
+            )
+    first = rows[0] if rows else {}
+    original, human = (
+        first.get("original_greedy.ttr_first96"),
+        first.get("human.unknown_word_share"),
+    )
+    if original is not None and human is not None:
+        ax.axvspan(2 * original, 1.0, ymax=1, color="#e8f4e8", zorder=0)
+        ax.axhline(
+            100 * human, ls=":", color=MODE_COLORS["human"], label="human text's unknown words"
+        )
+        ax.axvline(2 * original, ls="--", color=STUDY_MARKER, label="2× the original greedy TTR")
+    ax.set(
+        xlabel="TTR of hyperfitted greedy text, 96 tokens →",
+        ylabel="unknown words (% of words) ↓",
+        title="Which CPU preset keeps the text real? (goal: right of dashed, below dotted)",
+    )
+    ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("Quality study (" + _study_subtitle(study) + ")")
     return fig
 
 
@@ -541,22 +1111,21 @@ def _study_subtitle(study):
     return f"{t.get('model')}, {t.get('seq_len')}-token sequences, epochs as the preset"
 
 
-def plot_study(study_or_dir):
+def plot_study(study_or_dir, paper=None):
     """The figure of a study: accepts study.json's dict or the study folder."""
     study = study_or_dir if isinstance(study_or_dir, dict) else _read_study(study_or_dir)
-    return (
-        plot_data_size_study(study) if study["study"] == "data_size" else plot_shuffle_study(study)
+    draw = dict(
+        data_size=plot_data_size_study, shuffle=plot_shuffle_study, quality=plot_quality_study
     )
+    return draw[study["study"]](study, paper or read_paper())
 
 
 def _read_study(study_dir):
-    study = _read_json(Path(study_dir) / "study.json", "rerun python evaluate.py --study ...")
-    if study.get("study") not in ("data_size", "shuffle") or not isinstance(
+    study = _read_json(Path(study_dir) / "study.json", "rerun python studies.py for it")
+    if study.get("study") not in ("data_size", "shuffle", "quality") or not isinstance(
         study.get("rows"), list
     ):
-        raise PlotInputError(
-            f"{study_dir}/study.json is not a study of evaluate.py --study; rerun it"
-        )
+        raise PlotInputError(f"{study_dir}/study.json is not a study of studies.py; rerun it")
     return study
 
 
@@ -575,28 +1144,41 @@ STUDY_COLUMNS = [
     ("hyperfitted_greedy.self_bleu4_texygen_first96", "Self-BLEU", "{:.2f}"),
     ("wall_s", "wall s", "{:.0f}"),
 ]
+QUALITY_COLUMNS = [
+    ("lr", "lr", "{:g}"),
+    ("epochs", "epochs", "{}"),
+    ("final_train_loss", "final train loss", "{:.3f}"),
+    ("hyperfitted_greedy.ttr_first96", "TTR greedy (96)", "{:.3f}"),
+    ("original_greedy.ttr_first96", "TTR original greedy", "{:.3f}"),
+    ("hyperfitted_greedy.unknown_word_share", "unknown words", "{:.2%}"),
+    ("human.unknown_word_share", "human's unknown words", "{:.2%}"),
+    ("original_top_p.unknown_word_share", "top-p's unknown words", "{:.2%}"),
+    ("hyperfitted_greedy.mauve", "MAUVE greedy", "{:.3f}"),
+    ("original_top_p.mauve", "MAUVE top-p", "{:.3f}"),
+    ("wall_s", "wall s", "{:.0f}"),
+]
 
 
-def study_report(study, figure_name):
+def study_report(study, figure_name, paper):
     """The study's report.md: the command, the paper's statement, the table, the figure, the
-    runs."""
+    runs (and the shuffle study's comparison, the quality study's choice)."""
+    columns = QUALITY_COLUMNS if study["study"] == "quality" else STUDY_COLUMNS
     lines = [
         f"# Study: {study['study'].replace('_', ' ')}",
         "",
         f"Made by `{study['command']}`.",
         "",
-        f"The paper: {study['paper']}.",
+        f"The paper: {paper['studies'][study['study']]['statement']}.",
         "",
         f"![study]({figure_name})",
         "",
-        "| run | " + " | ".join(c[1] for c in STUDY_COLUMNS) + " |",
-        "|---" * (len(STUDY_COLUMNS) + 1) + "|",
+        "| run | " + " | ".join(c[1] for c in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
     ]
     for row in study["rows"]:
-        cells = ["–" if row.get(k) is None else f.format(row[k]) for k, _, f in STUDY_COLUMNS]
+        cells = ["–" if row.get(k) is None else f.format(row[k]) for k, _, f in columns]
         lines.append(f"| [{row['run']}]({row['run']}/report.md) | " + " | ".join(cells) + " |")
-    comparison = study.get("comparison")
-    if comparison:
+    if comparison := study.get("comparison"):
         lines += [
             "",
             "Top-1 predictions on validation text that differ between data orders (paper: ~30 %):",
@@ -609,14 +1191,16 @@ def study_report(study, figure_name):
             f"- {name}: same top-1 as the original model at {share:.3f} of positions"
             for name, share in comparison["top1_agreement_with_original"].items()
         ]
+    if choice := study.get("choice"):
+        lines += ["", f"Chosen: **{choice['run']}** ({choice['why']})."]
     t, e = study["training"], study["evaluation"]
     lines += [
         "",
         f"Training: {json.dumps(t)}. Evaluation: {json.dumps(e)}. TTR, overlap, Dataset-BLEU and "
         "Self-BLEU score the 96-token greedy continuations of the same prompts in every run (the "
-        "paper's diversity table); final train loss = the trained model's loss on its own "
-        "training sequences; val loss, entropy, top-1 prob = the end of training on validation "
-        "text; wall s = training + evaluation.",
+        "paper's diversity table); unknown words and MAUVE score the whole continuation; final "
+        "train loss = the trained model's loss on its own training sequences; val loss, entropy, "
+        "top-1 prob = the end of training on validation text; wall s = training + evaluation.",
         "",
     ]
     return "\n".join(lines)
@@ -631,7 +1215,7 @@ def write_study(study_dir, svg=False):
     runs = [study_dir / row["run"] for row in study["rows"] if (study_dir / row["run"]).exists()]
     _check_runs(runs)
     figure = plot_study(study)
-    report = study_report(study, "study.png")
+    report = study_report(study, "study.png", read_paper())
     written = [path for run in runs for path in plot_run(run, svg=svg)]
     written += _save(figure, study_dir / "study.png", svg)
     _write_atomic(study_dir / "report.md", report.encode("utf-8"))
@@ -639,317 +1223,7 @@ def write_study(study_dir, svg=False):
 
 
 # -----------------------------------------------------------------------------
-# the human-preference study: scoring the judgments downloaded from eval/annotate.html
-# (Carlsson et al. 2025: the share of judgments where the model's continuation was judged better
-# than or equal to the real human continuation of the same context)
-
-
-class JudgmentError(ValueError):
-    """Bad judgment input. The message is one line: what was wrong and what to do (the CLI prints it
-    and exits 2, having written nothing)."""
-
-
-# -----------------------------------------------------------------------------
-# reading and checking judgment files
-
-
-def _check_key(key):
-    """Raise JudgmentError unless `key` looks like annotate_key.json."""
-    items = key.get("items") if isinstance(key, dict) else None
-    if not isinstance(key, dict) or not isinstance(key.get("page_id"), str) or not items:
-        raise JudgmentError(
-            "the annotation key has no page_id or no items; pass eval/annotate_key.json as "
-            "written by evaluate.py"
-        )
-    for item_id, item in items.items():
-        if not isinstance(item, dict) or item.get("model_side") not in ("left", "right"):
-            raise JudgmentError(
-                f"the annotation key's item {item_id!r} has no model_side left/right; "
-                "rewrite the page and key with evaluate.py"
-            )
-
-
-def _load_json(path):
-    """The parsed JSON of a judgments file, or JudgmentError saying why it can't be read."""
-    if not path.is_file():
-        problem = "is a folder" if path.is_dir() else "does not exist"
-        raise JudgmentError(
-            f"{path} {problem}; pass the judgments files downloaded from annotate.html"
-        )
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise JudgmentError(f"{path} is empty; download the judgments from annotate.html again")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise JudgmentError(
-            f"{path} is not JSON ({error.msg}, line {error.lineno}); pass the "
-            "judgments-<page id>-<name>.json files downloaded from annotate.html"
-        ) from None
-
-
-def _check_judgment(path, key, judgment):
-    """Raise JudgmentError unless `judgment` answers an item of this key with a known choice."""
-    item_id = judgment.get("item_id") if isinstance(judgment, dict) else None
-    if not isinstance(item_id, str) or item_id not in key["items"]:
-        raise JudgmentError(
-            f"{path} judges item {item_id!r}, which is not on this run's annotation page; "
-            "pass only files downloaded from this run's annotate.html, unedited"
-        )
-    if judgment.get("choice") not in CHOICES:
-        raise JudgmentError(
-            f"{path}: item {judgment['item_id']} has choice {judgment.get('choice')!r}, expected "
-            f"one of {', '.join(CHOICES)}; download the judgments from annotate.html again"
-        )
-
-
-def _read_judgment_file(key, path):
-    """One judgments file, checked against the key: {"path", "annotator", "exported",
-    "judgments" (latest answer per item, in the order judged), "num_judged", "num_items"}."""
-    data = _load_json(path)
-    if not isinstance(data, dict) or data.get("format") != JUDGMENTS_FORMAT:
-        raise JudgmentError(
-            f"{path} is not a judgments file (its format is not {JUDGMENTS_FORMAT!r}); pass the "
-            "files downloaded with the annotation page's 'Download judgments' button"
-        )
-    if data.get("page_id") != key["page_id"]:
-        raise JudgmentError(
-            f"{path} was made on another annotation page (page id {data.get('page_id')}, this "
-            f"run's page is {key['page_id']}); score it against the run whose "
-            "eval/annotate_key.json has that page id"
-        )
-    judgments = data.get("judgments")
-    if not isinstance(judgments, list) or not judgments:
-        raise JudgmentError(
-            f"{path} holds no judgments; the annotator has to judge at least one item on "
-            "annotate.html before downloading"
-        )
-    annotator = data.get("annotator")
-    if not isinstance(annotator, str) or not annotator.strip():
-        raise JudgmentError(
-            f"{path} has no annotator name; enter a name on annotate.html and download again"
-        )
-    latest = {}
-    for judgment in judgments:
-        _check_judgment(path, key, judgment)
-        latest.pop(judgment["item_id"], None)  # a later answer to the same item replaces it
-        latest[judgment["item_id"]] = {
-            "item_id": judgment["item_id"],
-            "choice": judgment["choice"],
-            "time": str(judgment.get("time", "")),
-            "note": str(judgment.get("note", "")),
-        }
-    return {
-        "path": str(path),
-        "annotator": annotator.strip(),
-        "exported": str(data.get("exported", "")),
-        "judgments": list(latest.values()),
-        "num_judged": len(latest),
-        "num_items": len(key["items"]),
-        "summary": f"{annotator.strip()}: judged {len(latest)} of {len(key['items'])} items",
-    }
-
-
-def read_judgments(key, paths):
-    """The judgment files at `paths`, each checked against `key` (the dict in annotate_key.json).
-
-    Returns one dict per annotator: {"path", "annotator", "exported", "judgments", "num_judged",
-    "num_items", "summary" ("ana: judged 40 of 128 items"), "replaces"}, with the latest answer
-    per item. A half-finished session is accepted
-    ("judged k of N items"). Two files by the same annotator name: only the later export counts
-    (by the file's "exported" time, then by the order given), the earlier one is listed under
-    "replaces" and a warning names both. Raises JudgmentError (one line, naming the file) for a
-    file that is missing, empty, not JSON, not a judgments file, from another page, with unknown
-    items or choices, or with zero judgments."""
-    _check_key(key)
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    if not paths:
-        raise JudgmentError(
-            "no judgments files given; pass the judgments-*.json files from annotate.html"
-        )
-    sets = [_read_judgment_file(key, Path(path)) for path in paths]
-    by_annotator = {}
-    for _, judgment_set in sorted(enumerate(sets), key=lambda p: (p[1]["exported"], p[0])):
-        earlier = by_annotator.get(judgment_set["annotator"])
-        judgment_set["replaces"] = []
-        if earlier is not None:
-            warnings.warn(
-                f"{earlier['path']} and {judgment_set['path']} are both by annotator "
-                f"{judgment_set['annotator']!r}; only the later export, {judgment_set['path']}, "
-                "counts",
-                stacklevel=2,
-            )
-            judgment_set["replaces"] = earlier["replaces"] + [earlier["path"]]
-        by_annotator[judgment_set["annotator"]] = judgment_set
-    kept = {id(judgment_set) for judgment_set in by_annotator.values()}
-    return [judgment_set for judgment_set in sets if id(judgment_set) in kept]
-
-
-# -----------------------------------------------------------------------------
-# scoring
-
-
-def _code(choice, model_side):
-    """A judgment from the model's point of view: MODEL_BETTER, EQUAL or HUMAN_BETTER."""
-    if choice == "equal":
-        return EQUAL
-    return MODEL_BETTER if choice == model_side else HUMAN_BETTER
-
-
-def _records(key, judgment_sets):
-    """One (mode, prompt_id, annotator index, item_id, code) per judgment."""
-    records = []
-    for rater, judgment_set in enumerate(judgment_sets):
-        for judgment in judgment_set["judgments"]:
-            item = key["items"][judgment["item_id"]]
-            code = _code(judgment["choice"], item["model_side"])
-            records.append((item["mode"], item["prompt_id"], rater, judgment["item_id"], code))
-    return records
-
-
-def _bootstrap_weights(num_prompts, n_boot, seed):
-    """n_boot x num_prompts matrix: how often each prompt is drawn in each bootstrap resample
-    (num_prompts draws with replacement). A prompt's judgments count that many times."""
-    draws = np.random.default_rng(seed).integers(0, num_prompts, size=(n_boot, num_prompts))
-    flat = draws + num_prompts * np.arange(n_boot)[:, None]
-    counts = np.bincount(flat.ravel(), minlength=n_boot * num_prompts)
-    return counts.reshape(n_boot, num_prompts).astype(np.float64)
-
-
-def _percentile_ci(values):
-    """The central CI_LEVEL % percentile interval of bootstrap values (NaN = a resample without
-    data for it, skipped)."""
-    tail = (100 - CI_LEVEL) / 2
-    low, high = np.nanpercentile(values, [tail, 100 - tail])
-    return [float(low), float(high)]
-
-
-def _mode_scores(records, prompt_ids, weights):
-    """Per mode: the paper's score with its bootstrap replicates, and the shares of each outcome."""
-    prompt_index = {prompt_id: i for i, prompt_id in enumerate(prompt_ids)}
-    results, replicates = {}, {}
-    for mode in _ordered_modes({r[0] for r in records}):
-        codes = np.array([r[4] for r in records if r[0] == mode])
-        where = np.array([prompt_index[r[1]] for r in records if r[0] == mode])
-        judged = np.bincount(where, minlength=len(prompt_ids)).astype(np.float64)
-        not_worse = np.bincount(where, weights=codes >= EQUAL, minlength=len(prompt_ids))
-        with np.errstate(invalid="ignore", divide="ignore"):  # resamples without this mode: NaN
-            replicates[mode] = 100 * (weights @ not_worse) / (weights @ judged)
-        results[mode] = {
-            "n": int(codes.size),
-            "prompts": int(np.count_nonzero(judged)),
-            "score": float(100 * np.mean(codes >= EQUAL)),
-            "ci": _percentile_ci(replicates[mode]),
-            "model_better": float(100 * np.mean(codes == MODEL_BETTER)),
-            "equal": float(100 * np.mean(codes == EQUAL)),
-            "human_better": float(100 * np.mean(codes == HUMAN_BETTER)),
-        }
-    return results, replicates
-
-
-def _differences(results, replicates):
-    """score_a - score_b for every pair of modes (a later in display order), with the paired
-    bootstrap CI: both scores of a replicate come from the same resampled prompts."""
-    modes = list(results)
-    differences = []
-    for i, mode_b in enumerate(modes):
-        for mode_a in modes[i + 1 :]:
-            differences.append(
-                {
-                    "a": mode_a,
-                    "b": mode_b,
-                    "difference": results[mode_a]["score"] - results[mode_b]["score"],
-                    "ci": _percentile_ci(replicates[mode_a] - replicates[mode_b]),
-                }
-            )
-    return differences
-
-
-def _agreement(records, num_raters):
-    """Krippendorff's alpha (krippendorff package, ordinal: human better < equal < model better) on
-    the items judged by two or more annotators; annotators are rows, items columns, NaN = not
-    judged. Returns {"alpha", "reason" (why alpha is None), "items", "annotators"}."""
-    raters_of = {}
-    for _, _, rater, item_id, _ in records:
-        raters_of.setdefault(item_id, set()).add(rater)
-    shared = sorted(item_id for item_id, raters in raters_of.items() if len(raters) >= 2)
-    raters = sorted({rater for item_id in shared for rater in raters_of[item_id]})
-    result = {"alpha": None, "reason": None, "items": len(shared), "annotators": len(raters)}
-    if not shared:
-        reason = "only one annotator" if num_raters < 2 else "no item was judged by two annotators"
-        result["reason"] = f"{reason}, so there is no agreement to measure"
-        return result
-    data = np.full((len(raters), len(shared)), np.nan)
-    row, column = {r: i for i, r in enumerate(raters)}, {s: j for j, s in enumerate(shared)}
-    for _, _, rater, item_id, code in records:
-        if item_id in column:
-            data[row[rater], column[item_id]] = code
-    # the fixed value domain keeps the three categories even when the data miss one of them
-    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        alpha = krippendorff.alpha(
-            reliability_data=data,
-            level_of_measurement="ordinal",
-            value_domain=[HUMAN_BETTER, EQUAL, MODEL_BETTER],
-        )
-    if not np.isfinite(alpha):
-        result["reason"] = "every shared judgment has the same value, so alpha is undefined"
-        return result
-    result["alpha"] = float(alpha)
-    return result
-
-
-def score_preference(key, judgment_sets, n_boot=N_BOOT, seed=0):
-    """Scores of the human-preference study from read_judgments' output.
-
-    Per mode (scores["modes"][mode]): "score" = % of judgments where the model text was judged
-    better than or equal to the human text (the paper's definition), "ci" = 95 % percentile
-    bootstrap interval over prompts (resampled with replacement, all judgments of a prompt kept
-    together), "model_better" / "equal" / "human_better" shares (%), "n" judgments, "prompts".
-    scores["differences"]: score_a - score_b per pair of modes with a paired bootstrap CI (the same
-    resampled prompts for both). scores["agreement"]: Krippendorff's alpha (ordinal, krippendorff
-    package) over items judged by >= 2 annotators, or None with a "reason". Also "counts" and
-    "annotators" (judged k of N per annotator). Deterministic for a seed."""
-    _check_key(key)
-    records = _records(key, judgment_sets)
-    if not records:
-        raise JudgmentError("no judgments to score; pass files with at least one judgment")
-    prompt_ids = sorted({r[1] for r in records}, key=str)
-    weights = _bootstrap_weights(len(prompt_ids), n_boot, seed)
-    results, replicates = _mode_scores(records, prompt_ids, weights)
-    num_items = len(key["items"])
-    return {
-        "page_id": key["page_id"],
-        "modes": results,
-        "unjudged_modes": _ordered_modes(
-            {item["mode"] for item in key["items"].values()} - set(results)
-        ),
-        "differences": _differences(results, replicates),
-        "agreement": _agreement(records, len(judgment_sets)),
-        "counts": {
-            "annotators": len(judgment_sets),
-            "judgments": len(records),
-            "items_judged": len({r[3] for r in records}),
-            "num_items": num_items,
-            "prompts": len(prompt_ids),
-        },
-        "annotators": [
-            {
-                "annotator": s["annotator"],
-                "judged": len(s["judgments"]),
-                "num_items": num_items,
-                "path": s.get("path"),
-                "replaces": s.get("replaces", []),
-            }
-            for s in judgment_sets
-        ],
-        "n_boot": n_boot,
-        "seed": seed,
-    }
-
-
-# -----------------------------------------------------------------------------
-# report: markdown table and figure
+# the human study's scores (annotate.py --judgments): preference.md and .png
 
 
 def _fmt_ci(ci, signed=False):
@@ -957,11 +1231,10 @@ def _fmt_ci(ci, signed=False):
     return f"{ci[0]:{sign}.1f} to {ci[1]:{sign}.1f}"
 
 
-def _paper_lines():
+def _paper_lines(paper):
     """The paper's human-preference numbers as a markdown table, with how to read them."""
     intro = (
-        "Carlsson et al. (ICLR 2025), human preference: % of judgments in which the model's "
-        "continuation was judged better than or equal to the human one (3 annotators)."
+        f"Carlsson et al. (ICLR 2025), human preference: {paper['human_preference']['definition']}."
     )
     how_to_read = (
         "These come from larger models, longer texts and other annotators: compare the ordering "
@@ -970,9 +1243,9 @@ def _paper_lines():
     )
     header = "| model (paper) | " + " | ".join(_mode_label(m) for m in PAPER_MODES) + " |"
     lines = ["## The paper's numbers", "", intro, "", header, "|---" * (len(PAPER_MODES) + 1) + "|"]
-    for model, numbers in PAPER_PREFERENCE:
+    for numbers in paper["human_preference"]["models"]:
         cells = [f"{numbers[m]:.1f}" if m in numbers else "–" for m in PAPER_MODES]
-        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+        lines.append(f"| {numbers['model']} | " + " | ".join(cells) + " |")
     return lines + ["", how_to_read]
 
 
@@ -1024,16 +1297,26 @@ def _difference_rows(scores):
 def _annotator_lines(scores):
     lines = []
     for a in scores["annotators"]:
-        line = f"- annotator {a['annotator']}: {a['judged']} of {a['num_items']} items judged"
+        name = markdown_text(a["annotator"])
+        line = f"- annotator {name}: {a['judged']} of {a['num_items']} items judged"
         if a.get("replaces"):
-            line += f" (an earlier file, {', '.join(a['replaces'])}, was replaced by this one)"
+            earlier = markdown_text(", ".join(a["replaces"]))
+            line += f" (an earlier file, {earlier}, was replaced by this one)"
         lines.append(line)
     return lines
 
 
-def preference_table(scores):
-    """eval/preference.md: the paper's score per mode (with CI and outcome shares), the differences
-    between modes, Krippendorff's alpha, each annotator's completeness and the paper's numbers."""
+def markdown_text(value):
+    """Text from a file (an annotator's name, a path) as plain Markdown text: HTML escaped, the
+    characters Markdown acts on backslash-escaped, on one line."""
+    text = html.escape(" ".join(str(value).split()))
+    return "".join(f"\\{c}" if c in "\\`*_[]|#<>!" else c for c in text)
+
+
+def preference_table(scores, paper):
+    """preference.md: the paper's score per mode (with CI and outcome shares), the differences
+    between modes, Krippendorff's alpha, each annotator's completeness and the paper's numbers.
+    `scores`: annotate.py's preference.json."""
     counts = scores["counts"]
     overview = (
         f"{counts['annotators']} annotator(s), {counts['judgments']} judgments of "
@@ -1067,7 +1350,7 @@ def preference_table(scores):
         "",
         *_annotator_lines(scores),
         "",
-        *_paper_lines(),
+        *_paper_lines(paper),
     ]
     return "\n".join(lines) + "\n"
 
@@ -1124,64 +1407,7 @@ def plot_preference(scores):
 
 
 # -----------------------------------------------------------------------------
-# one call for a run folder
-
-
-def _judgment_files(judgment_paths):
-    """The files behind `judgment_paths`: a folder stands for its judgments-*.json files."""
-    if isinstance(judgment_paths, (str, os.PathLike)):
-        judgment_paths = [judgment_paths]
-    files = []
-    for path in map(Path, judgment_paths):
-        if path.is_dir():
-            found = sorted(path.glob("judgments-*.json"))
-            if not found:
-                raise JudgmentError(
-                    f"{path} holds no judgments-*.json files; pass the files downloaded from "
-                    "annotate.html or the folder they are in"
-                )
-            files += found
-        else:
-            files.append(path)
-    return files
-
-
-def _read_key(key_path):
-    if not key_path.is_file():
-        raise JudgmentError(
-            f"{key_path} does not exist; run evaluate.py on this run first (it writes the "
-            "annotation page annotate.html and its key)"
-        )
-    try:
-        return json.loads(key_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        raise JudgmentError(
-            f"{key_path} is not valid JSON; rerun evaluate.py to write the annotation page and key"
-        ) from None
-
-
-def write_preference(run_dir, judgment_paths):
-    """Score the judgments files (or folders of them) of a run and write <run>/eval/preference.md
-    and <run>/eval/preference.png. Reads <run>/eval/annotate_key.json (written with the page by
-    evaluate.py). Every file is read and checked, and the figure rendered, before anything is
-    written; each output is written to a temporary name and renamed. Returns the written paths.
-    Raises JudgmentError (one line) for a missing key or any bad judgments file."""
-    eval_dir = Path(run_dir) / "eval"
-    key = _read_key(eval_dir / "annotate_key.json")
-    _check_key(key)
-    judgment_sets = read_judgments(key, _judgment_files(judgment_paths))
-    scores = score_preference(key, judgment_sets)
-    table = preference_table(scores)
-    png = io.BytesIO()
-    plot_preference(scores).savefig(png, format="png", dpi=DPI)
-    table_path, figure_path = eval_dir / "preference.md", eval_dir / "preference.png"
-    _write_atomic(figure_path, png.getvalue())
-    _write_atomic(table_path, table.encode("utf-8"))
-    return [str(table_path), str(figure_path)]
-
-
-# -----------------------------------------------------------------------------
-# report and the whole run
+# report.md and the whole run
 
 
 def _fmt(v):
@@ -1192,16 +1418,18 @@ EVAL_LINKS = [
     ("eval/paper_comparison.md", "This run beside the paper's numbers, finding by finding"),
     ("eval/repetition.html", "Repeated n-grams highlighted (paper Fig. 1)"),
     (
-        "eval/annotate.html",
-        "The blind A/B page for the paper's human study (open it from disk; "
-        "score the downloaded files with `python plot.py <run> --judgments <files>`)",
+        "human_study/annotate.html",
+        "The blind A/B page of the paper's human study (open it from "
+        "disk; score the downloaded files with `python annotate.py <run> --judgments <files>`)",
     ),
+    ("human_study/preference.md", "The human study's scores"),
 ]
 
 
-def run_report(run):
+def run_report(run, human_study):
     """report.md of a run: key numbers (original model vs end of training), every figure, links to
-    the evaluation's pages, and eval/table.md and eval/preference.md when they exist."""
+    the evaluation's pages, and eval/table.md. `human_study`: whether human_study/ was built from
+    this evaluation (else it is named as stale, not linked)."""
     run = Path(run)
     config, records = _read_config(run), read_metrics(run)
     args = config.get("args", {})
@@ -1234,26 +1462,28 @@ def run_report(run):
         "training_curves.png",
         "eval/decoding_comparison.png",
         "eval/ttr_by_position.png",
-        "eval/preference.png",
+        "eval/quality.png",
+        "human_study/preference.png",
     ]
-    others = sorted(str(p.relative_to(run)) for p in [*run.glob("*.png"), *run.glob("eval/*.png")])
-    figures = [f for f in known if (run / f).exists()] + [f for f in others if f not in known]
-    if figures:
-        lines += ["## Figures", ""] + [
-            f"![{Path(f).stem.replace('_', ' ')}]({f})\n" for f in figures
+    figures = [
+        f for f in known if (run / f).exists() and (human_study or not f.startswith("human"))
+    ]
+    lines += ["## Figures", ""] + [f"![{Path(f).stem.replace('_', ' ')}]({f})\n" for f in figures]
+    links = [
+        (p, t)
+        for p, t in EVAL_LINKS
+        if (run / p).exists() and (human_study or not p.startswith("human"))
+    ]
+    lines += [f"- {text}: [{path}]({path})" for path, text in links] + [""]
+    if not human_study and (run / "human_study").exists():
+        lines += [
+            "human_study/ was built from an earlier evaluation: rebuild its page with "
+            "`python annotate.py <run> --overwrite`.",
+            "",
         ]
-    lines += [
-        f"- {text}: [{path}]({path})" for path, text in EVAL_LINKS if (run / path).exists()
-    ] + [""]
-    for path, title in (
-        ("eval/table.md", "Evaluation"),
-        ("eval/preference.md", "Human preference"),
-    ):
-        if (run / path).exists():
-            text = (
-                (run / path).read_text(encoding="utf-8").strip().split("\n", 1)[-1]
-            )  # its own title off
-            lines += [f"## {title}", "", text.strip(), ""]
+    if (run / "eval" / "table.md").exists():
+        table = (run / "eval" / "table.md").read_text(encoding="utf-8").strip().split("\n", 1)[-1]
+        lines += ["## Evaluation", "", table.strip(), ""]  # its own title off
     return "\n".join(lines)
 
 
@@ -1282,28 +1512,52 @@ def _save(fig, path, svg=False):
 
 
 def plot_run(run_dir, svg=False, x="epoch"):
-    """Everything available for one run: training curves always, the evaluation's figures and
-    repetition page when eval/ has them, then report.md. Every input is read and every figure drawn
-    before the first file is written. Returns the written paths."""
-    run, eval_dir = Path(run_dir), Path(run_dir) / "eval"
+    """Everything available for one run: training curves always; the evaluation's tables, figures
+    and repetition page when eval/ has them; the human study's scores when human_study/ holds
+    them for this evaluation; then report.md. Every input is read and every file rendered before
+    the first file is written. Returns the written paths."""
+    run, eval_dir, study = Path(run_dir), Path(run_dir) / "eval", Path(run_dir) / "human_study"
     figures = {run / "training_curves.png": plot_training_curves(run, x=x)}
-    pages = {}
+    pages, paper = {}, read_paper()
     if (eval_dir / "summary.json").exists():
         summary = _load_summary(eval_dir / "summary.json")
         figures[eval_dir / "decoding_comparison.png"] = plot_decoding_comparison(summary)
         figures[eval_dir / "ttr_by_position.png"] = plot_ttr_by_position(summary)
-    if (eval_dir / "generations.jsonl").exists():
+        figures[eval_dir / "quality.png"] = plot_quality(summary)
+        pages[eval_dir / "table.md"] = format_table(summary)
+        pages[eval_dir / "paper_comparison.md"] = paper_comparison(
+            summary, read_metrics(run), paper
+        )
         pages[eval_dir / "repetition.html"] = repetition_html(eval_dir / "generations.jsonl")
+    current = current_human_study(run)
+    if current and (study / "preference.json").exists():
+        scores = _read_json(study / "preference.json", "score the judgments again with annotate.py")
+        if scores.get("page_id") == current["page_id"]:
+            figures[study / "preference.png"] = plot_preference(scores)
+            pages[study / "preference.md"] = preference_table(scores, paper)
     rendered = {path: _png(fig) for path, fig in figures.items()}
-    svgs = (
+    rendered |= (
         {path.with_suffix(".svg"): _png(fig, "svg") for path, fig in figures.items()} if svg else {}
     )
-    for path, data in {**rendered, **svgs}.items():
+    rendered |= {path: text.encode("utf-8") for path, text in pages.items()}
+    for path, data in rendered.items():
         _write_atomic(path, data)
-    for path, text in pages.items():
-        _write_atomic(path, text.encode("utf-8"))
-    _write_atomic(run / "report.md", run_report(run).encode("utf-8"))
-    return [str(p) for p in [*rendered, *svgs, *pages]] + [str(run / "report.md")]
+    _write_atomic(run / "report.md", run_report(run, current is not None).encode("utf-8"))
+    return [str(p) for p in rendered] + [str(run / "report.md")]
+
+
+def current_human_study(run):
+    """The key of the run's human-study page if it was built from the run's present evaluation
+    (its digest of eval/generations.jsonl matches), else None."""
+    key_path, generations = (
+        Path(run) / "human_study" / "annotate_key.json",
+        Path(run) / "eval" / "generations.jsonl",
+    )
+    if not key_path.exists() or not generations.exists():
+        return None
+    key = _read_json(key_path, "rebuild the page with python annotate.py RUN --overwrite")
+    digest = hashlib.sha256(generations.read_bytes()).hexdigest()[:16]
+    return key if key.get("evaluation") == digest and isinstance(key.get("page_id"), str) else None
 
 
 def _problem(run):
@@ -1331,50 +1585,48 @@ def _problem(run):
 def build_parser():
     parser = argparse.ArgumentParser(
         description="Plot hyperfitting results.\n"
-        "  one RUN:    training_curves.png, eval/*.png, eval/repetition.html (if evaluate.py ran)\n"
-        "              and report.md, all written inside the run folder\n"
+        "  one RUN:    training_curves.png; with an evaluation, eval/table.md,\n"
+        "              eval/paper_comparison.md, eval/*.png and eval/repetition.html;\n"
+        "              human_study/preference.md and .png when\n"
+        "              annotate.py scored the judgments; report.md, all inside the run folder\n"
         "  several:    their training curves overlaid in one figure (--out)\n"
-        "  a STUDY:    (evaluate.py --study) study.png and report.md in the study folder\n"
-        "  --judgments: score the human study of one RUN: eval/preference.md and .png",
+        "  a STUDY:    (studies.py) study.png and report.md in the study folder",
         epilog="examples:\n  python plot.py results/tinyllama\n"
         "  python plot.py results/a results/b --out results/a_vs_b.png --x step\n"
-        "  python plot.py results/studies/data-size\n"
-        "  python plot.py results/reference --judgments ana.json ben.json cleo.json",
+        "  python plot.py results/studies/data-size",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "runs",
-        nargs="+",
-        metavar="RUN",
-        help="run folder(s) containing metrics.jsonl, or a study folder",
-    )
+    parser.error = lambda message: parser.exit(2, f"plot.py: {message} (see --help)\n")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s), or a study folder")
     parser.add_argument(
         "--out",
         default="results/compare_training_curves.png",
-        help="PNG for the overlay of several runs (default: %(default)s; unused for one run)",
+        help="PNG for the overlay of several runs (default: %(default)s)",
     )
     parser.add_argument(
         "--x", choices=["epoch", "step"], default="epoch", help="x axis of the training curves"
     )
     parser.add_argument("--svg", action="store_true", help="also write an SVG next to every PNG")
-    parser.add_argument(
-        "--judgments",
-        nargs="+",
-        metavar="FILE",
-        help="judgments files (or folders of them) downloaded from the run's eval/annotate.html",
-    )
     return parser
 
 
 def main(argv=None):
     """The command line: returns the exit code (0 done, 2 bad input, one line on stderr)."""
-    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     matplotlib.use("Agg")  # a script never needs a window
     try:
-        written = _plot(args)
-    except (PlotInputError, JudgmentError) as e:
+        written = _plot(build_parser().parse_args(argv))
+    except PlotInputError as e:
         print(f"plot.py: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only folder, a full disk: what was written before is whole
+        print(
+            f"plot.py: cannot write {e.filename} ({e.strerror}); check the folder", file=sys.stderr
+        )
+        return 2
+    except KeyboardInterrupt:
+        print("plot.py: interrupted; every file written so far is whole", file=sys.stderr)
+        return 130
     print("\n".join(written))
     return 0
 
@@ -1389,11 +1641,6 @@ def _check_runs(runs):
 
 def _plot(args):
     _check_runs(args.runs)
-    if args.judgments:
-        if len(args.runs) != 1:
-            raise PlotInputError("--judgments scores one run: pass its folder alone")
-        written = write_preference(args.runs[0], args.judgments)
-        return written + plot_run(args.runs[0], svg=args.svg, x=args.x)
     if len(args.runs) == 1 and (Path(args.runs[0]) / "study.json").exists():
         return write_study(args.runs[0], svg=args.svg)
     if len(args.runs) == 1:

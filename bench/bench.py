@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
@@ -30,7 +31,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 # the kit's folder: bench/.. when run as a file, the working directory when pasted in a notebook
 ROOT = Path(__file__).resolve().parents[1] if "__file__" in globals() else Path.cwd()
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the kit, and its tests' tiny random models
+import tiny  # noqa: E402
+
 import evaluate  # noqa: E402
 import hyperfit  # noqa: E402
 
@@ -60,7 +63,7 @@ SIZE_KEYS = (SIZE_KEYS + " num_key_value_heads vocab_size").split()
 SHAPES = {  # the paper models' config.json sizes with random weights: nothing is downloaded
     "tinyllama-1.1b": dict(zip(SIZE_KEYS, (2048, 5632, 22, 32, 4, 32000)), rms_norm_eps=1e-5),
     "llama3.1-8b": dict(zip(SIZE_KEYS, (4096, 14336, 32, 32, 8, 128256)), rms_norm_eps=1e-5),
-    "tiny": dict(hyperfit.TINY_SHAPE, vocab_size=512),  # the same path on a CPU, in seconds
+    "tiny": dict(tiny.TINY_SHAPE, vocab_size=512),  # the same path on a CPU, in seconds
 }
 ROPE = dict(rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0)  # Llama 3.1's
 ROPE.update(high_freq_factor=4.0, original_max_position_embeddings=8192)
@@ -112,10 +115,16 @@ def time_train(spec):
         start = time.perf_counter()
         # the kit's own step, exactly as hyperfit.py's loop calls it; without the lean loss it
         # takes the full logits, as the official code's loss does
-        plain = None if lean else hyperfit.plain_loss_sum
-        losses.append(
-            hyperfit.train_step(net, optimizer, scaler, ids, accelerator, len(ids), plain)
+        loss = hyperfit.lean_loss_sum if lean else hyperfit.plain_loss_sum
+        step = SimpleNamespace(
+            net=net,
+            optimizer=optimizer,
+            scaler=scaler,
+            loss=loss,
+            accelerator=accelerator,
+            micro_batch_size=len(ids),
         )
+        losses.append(hyperfit.train_step(step, ids))
         times.append(time.perf_counter() - start)
     vmhwm = re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())  # KiB
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else int(vmhwm[1]) / 1024
@@ -185,7 +194,7 @@ def time_metrics(spec):
 
 def build(spec):
     """A random-init paper shape in bf16, built on the device (8B never in fp32); not
-    hyperfit.random_model, which sets the vocabulary to its tokenizer's (22k here, not 128k)."""
+    tiny.random_model, which sets the vocabulary to its tokenizer's (22k here, not 128k)."""
     tokenizer = hyperfit.load_tokenizer(spec["tokenizer"])
     ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     config = LlamaConfig(**SHAPES[spec["shape"]], **ids, tie_word_embeddings=False)
@@ -356,14 +365,12 @@ def bench(argv):
         base.update(threads=s["threads"], model=s["model"])
         todo = [(s["model"], base)]  # (name, spec): --model; --quick's tiny random model; shapes
         if s["quick"]:
-            tiny = hyperfit.random_model(Path(tmp) / "tiny", texts[0][1])
-            todo = [("tiny-random", dict(base, model=tiny))]
-        if s["shapes"]:  # one BPE tokenizer (hyperfit.random_model's) for all: ids < every vocab
+            tiny_model = tiny.random_model(Path(tmp) / "tiny", texts[0][1])
+            todo = [("tiny-random", dict(base, model=tiny_model))]
+        if s["shapes"]:  # one BPE tokenizer (tiny.random_model's) for all: ids < every vocab
             vocab = min([SHAPE_TOKENIZER[1]] + [SHAPES[n]["vocab_size"] for n in s["shapes"]])
             text = "".join(text for _, text in texts)[: SHAPE_TOKENIZER[0]]
-            base.update(
-                kind="build", tokenizer=hyperfit.random_model(Path(tmp) / "bpe", text, vocab)
-            )
+            base.update(kind="build", tokenizer=tiny.random_model(Path(tmp) / "bpe", text, vocab))
             todo = [(n, dict(base, shape=n, model=str(Path(tmp) / n))) for n in s["shapes"]]
         for i, (model, spec) in enumerate(todo):
             results["models"].append(dict(name=model))

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random Llamas with their own tiny tokenizers (hyperfit.random_model), saved
+"""Shared fixtures: tiny random Llamas with their own tiny tokenizers (tiny.random_model), saved
 as ordinary Hugging Face folders, so every test runs the kit's real loading path (4-bit + LoRA) in
 seconds; and the settings of a tiny run."""
 
@@ -10,6 +10,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import tiny  # noqa: E402
 
 import hyperfit  # noqa: E402
 
@@ -47,13 +49,13 @@ def tiny_text():
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_text):
-    return hyperfit.random_model(tmp_path_factory.mktemp("tiny-llama"), tiny_text)
+    return tiny.random_model(tmp_path_factory.mktemp("tiny-llama"), tiny_text)
 
 
 @pytest.fixture(scope="session")
 def tiny_bos_model_dir(tmp_path_factory, tiny_text):
     """The same with a tokenizer that starts every text with <s> (as Llama's and DeepSeek's do)."""
-    return hyperfit.random_model(tmp_path_factory.mktemp("tiny-bos"), tiny_text, bos=True)
+    return tiny.random_model(tmp_path_factory.mktemp("tiny-bos"), tiny_text, bos=True)
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,8 @@ from conftest import ROOT
 
 import evaluate
 import hyperfit
+import measures
+import plot
 
 
 def ngrams(ids, n):
@@ -163,17 +165,6 @@ def test_own_token_scores_equal_a_second_scoring_pass(tiny_net):
     assert any(r > 1 for row in ranks[3:] for r in row)  # sampled rows: not always
 
 
-def test_a_sampled_prefix_is_the_shorter_sample(tiny_net):
-    """The paper's 96-token table and its 256-token human study: a sampled continuation's first k
-    tokens are what a k-token sample with the same seed and batch gives."""
-    prompts = torch.randint(0, 384, (6, 8), generator=torch.Generator().manual_seed(3))
-    sampling = dict(do_sample=True, temperature=0.7, top_p=0.9, top_k=50, seed=5, batch_size=3)
-    long = hyperfit.generate(tiny_net, prompts, 40, **sampling)
-    short = hyperfit.generate(tiny_net, prompts, 16, **sampling)
-    assert torch.equal(long[:, :16], short)
-    assert not torch.equal(long, hyperfit.generate(tiny_net, prompts, 40, **dict(sampling, seed=6)))
-
-
 # -----------------------------------------------------------------------------
 # end to end on a tiny hyperfitted run
 
@@ -219,21 +210,29 @@ def evaluated(tiny_hyperfitted, tmp_path_factory):
     return summary, records, out
 
 
-def test_end_to_end_writes_every_output(evaluated):
+def test_end_to_end_writes_every_output(evaluated, tiny_hyperfitted):
     summary, records, out = evaluated
+    assert sorted(p.name for p in out.iterdir()) == [
+        "generations.jsonl",
+        "summary.json",
+    ]  # JSON only
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
-    assert set(summary["modes"]) == set(evaluate.MODES) and summary["run"] == "t"
+    assert list(summary["modes"]) == [*evaluate.MODES, "human"] and summary["run"] == "t"
     for mode, info in summary["modes"].items():
         assert info["n"] == 12
-        assert set(info["metrics"]) == set(evaluate.PER_GENERATION_METRICS) | set(
-            evaluate.SET_METRICS
-        )
+        keys = set(measures.PER_GENERATION_METRICS) | set(measures.SET_METRICS)
+        assert set(info["metrics"]) == keys | ({"mauve"} if mode != "human" else set())
         assert info["metrics"]["ttr_last96_of_224"]["mean"] is None  # 100 tokens: no such window
-        for key in ("ttr_first96", "ttr", "simctg_diversity", "self_bleu4_texygen", "ppl_original"):
+        for key in ("ttr_first96", "ttr", "simctg_diversity", "self_bleu4_texygen", "ppl_original",
+                    "ppl_hyperfitted", "unknown_word_share", "foreign_script_share"):  # fmt: skip
             assert math.isfinite(info["metrics"][key]["mean"]), (mode, key)
         curve = info["ttr_by_position"]
         assert curve["window"] == 96 and curve["positions"] == [96] and len(curve["mean"]) == 1
+        if mode != "human":
+            mauve = info["metrics"]["mauve"]
+            assert 0 < mauve["mean"] <= 1 and mauve["ci"][0] <= mauve["ci"][1]
+            assert info["mauve"]["samples"] == 12 and info["mauve"]["buckets"] == 2
     sharp = summary["sharpness"]
     for name in ("original", "hyperfitted"):
         assert 0 < sharp[name]["top1"] <= sharp[name]["top3"] <= sharp[name]["top5"] <= 1
@@ -241,21 +240,32 @@ def test_end_to_end_writes_every_output(evaluated):
     assert sharp["hyperfitted"]["entropy"] < sharp["original"]["entropy"]  # hyperfitting sharpens
     matched = summary["entropy_matched_temperature"]
     assert matched["achieved_entropy"] == pytest.approx(matched["target_entropy"], abs=0.01)
-    assert len(records) == 5 * 12
+    assert len(records) == 6 * 12
     assert all(len(r["token_ids"]) == len(r["tokens"]) == 100 and r["text"] for r in records)
     assert summary["args"]["split"]["data"] and summary["args"]["dense"] is True  # CPU: copies
-    table = (out / "table.md").read_text()
-    assert all(f"| {mode} |" in table for mode in evaluate.MODES) and "Entropy-matched" in table
-    comparison = (out / "paper_comparison.md").read_text()
-    for finding in (
-        "TTR of 96-token continuations",
-        "Self-BLEU-4 (Texygen)",
-        "Perplexity",
-        "Citation blocking",
-        "Entropy-matched sampling",
-        "original's top-1",
-    ):
+    table = plot.format_table(summary)  # plot.py renders the tables from the JSON
+    assert all(f"| {mode} |" in table for mode in summary["modes"]) and "Entropy-matched" in table
+    assert "unknown words" in table and "MAUVE" in table
+    comparison = plot.paper_comparison(
+        summary, plot.read_metrics(tiny_hyperfitted), plot.read_paper()
+    )
+    for finding in ("TTR of 96-token continuations", "Self-BLEU-4 (Texygen)", "Perplexity",
+                    "Citation blocking", "Entropy-matched sampling", "original's top-1", "MAUVE",
+                    "Unknown words"):  # fmt: skip
         assert finding in comparison, finding
+    assert "../shared" not in comparison and "data/paper.json" in comparison
+
+
+def test_each_model_scores_every_row(evaluated):
+    """ppl_original and ppl_hyperfitted of a row come from its own model's generating pass or
+    from a pass of the other model: greedy text is likelier under the model that wrote it."""
+    _, records, _ = evaluated
+    rows = {
+        mode: [r for r in records if r["mode"] == mode]
+        for mode in ("original_greedy", "hyperfitted_greedy")
+    }
+    assert all(r["ppl_original"] < r["ppl_hyperfitted"] for r in rows["original_greedy"])
+    assert all(r["ppl_hyperfitted"] < r["ppl_original"] for r in rows["hyperfitted_greedy"])
 
 
 def test_recomputed_independently_from_generations_jsonl(evaluated):
@@ -306,21 +316,21 @@ def test_blocked_rows_contain_no_training_ngram(evaluated, tiny_hyperfitted, tin
     assert hyperfit.generate(dense, torch.tensor(prompts), 100, batch_size=8).tolist() == greedy
 
 
-def test_the_annotation_page_is_blind_and_holds_the_human_continuation(evaluated, tiny_model_dir):
-    summary, records, out = evaluated
-    page = (out / "annotate.html").read_text()
-    key = json.loads((out / "annotate_key.json").read_text())
-    assert not any(mode in page for mode in evaluate.MODES)
-    annotated = [m for m in evaluate.ANNOTATE_MODES if m in summary["modes"]]
-    assert len(key["items"]) == 12 * len(annotated)
-    assert {item["mode"] for item in key["items"].values()} == set(annotated)
+def test_the_human_row_is_the_real_continuation(evaluated, tiny_model_dir):
+    """The human row: the text that follows each prompt in its book, as many tokens as the
+    continuations, measured like every mode (its unknown words are few: it is real text)."""
+    summary, records, _ = evaluated
     tokenizer = hyperfit.load_tokenizer(tiny_model_dir)
-    first = next(r for r in records if r["mode"] == "hyperfitted_greedy" and r["prompt_id"] == 0)
-    source, offset = first["prompt_source"].rsplit("@", 1)
-    text = Path(json.loads((out / "summary.json").read_text())["args"]["split"]["data"])
-    document = tokenizer(text.read_text(), add_special_tokens=False)["input_ids"]
-    human = tokenizer.decode(document[int(offset) + 16 :][:100])  # after the 16-token prompt
-    assert json.dumps(human)[1:-1] in page  # the real continuation, as many tokens as the model's
+    text = Path(hyperfit.absolute_path(summary["args"]["split"]["data"])).read_text()
+    document = tokenizer(text, add_special_tokens=False)["input_ids"]
+    for record in (r for r in records if r["mode"] == "human"):
+        offset = int(record["prompt_source"].rsplit("@", 1)[1])
+        assert record["token_ids"] == document[offset + 16 :][:100]  # after the 16-token prompt
+    metrics = summary["modes"]["human"]["metrics"]
+    assert (
+        metrics["unknown_word_share"]["mean"]
+        < summary["modes"]["original_top_p"]["metrics"]["unknown_word_share"]["mean"]
+    )
 
 
 def test_the_gpu_branch_runs_on_the_cpu(tiny_hyperfitted, tiny_model_dir, tmp_path):
@@ -336,7 +346,6 @@ def test_the_gpu_branch_runs_on_the_cpu(tiny_hyperfitted, tiny_model_dir, tmp_pa
         dense=False,
         out_dir=tmp_path,
         progress=False,
-        annotate_tokens=0,
     )
     assert summary["args"]["dense"] is False
     records = [
@@ -357,7 +366,6 @@ def test_the_gpu_branch_runs_on_the_cpu(tiny_hyperfitted, tiny_model_dir, tmp_pa
     for mode, net in (("original_greedy", original), ("hyperfitted_greedy", tuned)):
         expected = hyperfit.generate(net, prompts, 12, batch_size=4).tolist()
         assert [r["token_ids"] for r in records if r["mode"] == mode] == expected, mode
-    assert not (tmp_path / "annotate.html").exists()
 
 
 def test_a_sampled_mode_s_prefix_is_its_shorter_continuation(tiny_hyperfitted, tmp_path):
@@ -374,7 +382,6 @@ def test_a_sampled_mode_s_prefix_is_its_shorter_continuation(tiny_hyperfitted, t
             sharpness_seqs=2,
             out_dir=tmp_path / str(tokens),
             progress=False,
-            annotate_tokens=0,
         )
         records = hyperfit.read_jsonl(tmp_path / str(tokens) / "generations.jsonl")
         rows[tokens] = [r["token_ids"] for r in records if r["mode"] == "original_top_p"]
@@ -396,11 +403,11 @@ def test_original_model_alone(tiny_model_dir, tiny_data, tmp_path):
         out_dir=tmp_path / "eval",
         progress=False,
     )
-    assert list(summary["modes"]) == list(evaluate.ORIGINAL_ONLY_MODES)
+    assert list(summary["modes"]) == [*evaluate.ORIGINAL_ONLY_MODES, "human"]
     assert (
         set(summary["sharpness"]) == {"original"} and summary["entropy_matched_temperature"] is None
     )
-    assert (tmp_path / "eval" / "table.md").exists()
+    assert (tmp_path / "eval" / "summary.json").exists()
 
 
 # -----------------------------------------------------------------------------
@@ -415,7 +422,7 @@ def run_main(argv, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--block-ngrams", "0"], "--block-ngrams must be an integer of at least 1"),
+        (["--block-ngrams", "0"], "--block-ngrams must be a positive integer"),
         (["--block-ngrams", "65"], "--block-ngrams 65 is longer than the training sequences (64"),
         (["--num-prompts", "0"], "--num-prompts must be a positive integer"),
         (["--new-tokens", "-5"], "--new-tokens must be a positive integer"),
@@ -427,6 +434,9 @@ def run_main(argv, capsys):
         (["--device", "cuda"], "--device cuda: no CUDA GPU is visible here"),
         (["--device", "foo"], "--device foo: choose cpu or cuda"),
         (["--dtype", "int4"], "--dtype int4: choose auto"),
+        (["--modes", "original_greedy,original_greedy"], "names original_greedy twice"),
+        (["--new-tokens", "600"], "exceed the 512 positions"),
+        (["--mauve-features", "llama"], "--mauve-features llama: choose original"),
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tiny_hyperfitted, argv, message, capsys):
@@ -453,7 +463,7 @@ def test_bad_input_exits_2_and_writes_nothing(tiny_hyperfitted, argv, message, c
         ),
         (
             lambda run: (run / "adapter" / "adapter_config.json").write_text('{"r": 1'),
-            "the run's LoRA adapter is damaged",
+            "the run's adapter is damaged",
         ),
         (
             lambda run: (

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -114,7 +115,15 @@ def test_train_step_is_the_token_mean_cross_entropy_of_the_batch(tiny_model_dir)
         net, _ = lora_net(tiny_model_dir)
         optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1.0)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        loss = hyperfit.train_step(net, optimizer, scaler, ids, accelerator, micro)
+        step = SimpleNamespace(
+            net=net,
+            optimizer=optimizer,
+            scaler=scaler,
+            accelerator=accelerator,
+            micro_batch_size=micro,
+            loss=hyperfit.lean_loss_sum,
+        )
+        loss = hyperfit.train_step(step, ids)
         results.append(
             (loss, {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad})
         )

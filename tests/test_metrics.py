@@ -1,17 +1,16 @@
-"""evaluate.py's metrics on hand-computed cases and against the reference implementations (SimCTG's
+"""measures.py's metrics on hand-computed cases and against the reference implementations (SimCTG's
 measure_repetition_and_diversity, nltk's and sacrebleu's BLEU, brute force). CPU, no model."""
 
 import math
 import random
-import time
 
 import numpy as np
 import pytest
 import sacrebleu
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
-import evaluate
 import hyperfit
+import measures
 
 
 def ngrams(ids, n):
@@ -35,7 +34,7 @@ def brute_longest_span(ids, rows):
 
 
 def sacre(hypothesis, references):
-    """sacrebleu's own sentence BLEU on token-id strings, with the smoothing evaluate.py uses."""
+    """sacrebleu's own sentence BLEU on token-id strings, with the smoothing measures.py uses."""
     as_text = lambda ids: " ".join(map(str, ids))  # noqa: E731
     return sacrebleu.sentence_bleu(
         as_text(hypothesis),
@@ -50,7 +49,7 @@ def simctg_reference(texts):
     """SimCTG's measure_repetition_and_diversity, written from its published definition (per-text
     unique and total n-gram counts of whitespace words, the loop stopping one n-gram before the
     end, summed over texts; rep-n in percent rounded to 2 decimals; diversity from the rounded
-    values), independently of evaluate.simctg_repetition."""
+    values), independently of measures.simctg_repetition."""
     reps = []
     for n in (2, 3, 4):
         unique = total = 0
@@ -71,14 +70,14 @@ def simctg_reference(texts):
 
 def test_ttr_windows_of_the_paper():
     ids = list(range(96)) + [7] * 160  # 96 distinct tokens, then one token repeated
-    assert evaluate.ttr_of_window(ids, 1, 96) == 1.0  # the paper's table: 96-token continuations
+    assert measures.ttr_of_window(ids, 1, 96) == 1.0  # the paper's table: 96-token continuations
     # the official validation: new tokens 129-224 (the last 96 of 224) are all the token 7
-    assert evaluate.ttr_of_window(ids, 129, 224) == pytest.approx(1 / 96)
+    assert measures.ttr_of_window(ids, 129, 224) == pytest.approx(1 / 96)
     assert hyperfit.type_token_ratio(ids, last=96) == pytest.approx(1 / 96)  # tokens 161-256
-    assert evaluate.ttr_of_window(ids[:200], 129, 224) is None  # shorter: no such window
+    assert measures.ttr_of_window(ids[:200], 129, 224) is None  # shorter: no such window
     mixed = list(range(48)) + [1, 2] * 24 + list(range(100, 228))  # 224 tokens
-    assert evaluate.ttr_of_window(mixed, 1, 96) == pytest.approx(48 / 96)  # 0..47 (1, 2 among)
-    assert evaluate.ttr_of_window(mixed, 129, 224) == 1.0
+    assert measures.ttr_of_window(mixed, 1, 96) == pytest.approx(48 / 96)  # 0..47 (1, 2 among)
+    assert measures.ttr_of_window(mixed, 129, 224) == 1.0
 
 
 def test_looping_sequence():
@@ -86,51 +85,51 @@ def test_looping_sequence():
     assert hyperfit.type_token_ratio(ids) == pytest.approx(4 / 24)
     assert hyperfit.type_token_ratio(ids, last=96) == pytest.approx(4 / 24)  # shorter: all of it
     assert hyperfit.type_token_ratio(ids, last=8) == pytest.approx(4 / 8)
-    assert evaluate.token_rep_n(ids, 2) == pytest.approx(1 - 4 / 23)  # 23 bigrams, 4 distinct
-    assert evaluate.token_rep_n(ids, 3) == pytest.approx(1 - 4 / 22)
-    assert evaluate.token_rep_n(ids, 4) == pytest.approx(1 - 4 / 21)
-    assert evaluate.token_diversity(ids) == pytest.approx((4 / 23) * (4 / 22) * (4 / 21))
-    assert evaluate.ends_in_loop(ids)
-    positions, ttrs = evaluate.ttr_windows(ids, window=8, stride=4)
+    assert measures.token_rep_n(ids, 2) == pytest.approx(1 - 4 / 23)  # 23 bigrams, 4 distinct
+    assert measures.token_rep_n(ids, 3) == pytest.approx(1 - 4 / 22)
+    assert measures.token_rep_n(ids, 4) == pytest.approx(1 - 4 / 21)
+    assert measures.token_diversity(ids) == pytest.approx((4 / 23) * (4 / 22) * (4 / 21))
+    assert measures.ends_in_loop(ids)
+    positions, ttrs = measures.ttr_windows(ids, window=8, stride=4)
     assert positions == [8, 12, 16, 20, 24] and ttrs == pytest.approx([0.5] * 5)
 
 
 def test_all_distinct_tokens():
     ids = list(range(100, 300))
     assert hyperfit.type_token_ratio(ids) == 1.0 and hyperfit.type_token_ratio(ids, last=96) == 1.0
-    assert [evaluate.token_rep_n(ids, n) for n in (2, 3, 4)] == [0.0, 0.0, 0.0]
-    assert evaluate.token_diversity(ids) == 1.0
-    assert not evaluate.ends_in_loop(ids)
-    positions, ttrs = evaluate.ttr_windows(ids)  # the defaults: 96-token windows every 8 tokens
+    assert [measures.token_rep_n(ids, n) for n in (2, 3, 4)] == [0.0, 0.0, 0.0]
+    assert measures.token_diversity(ids) == 1.0
+    assert not measures.ends_in_loop(ids)
+    positions, ttrs = measures.ttr_windows(ids)  # the defaults: 96-token windows every 8 tokens
     assert positions == list(range(96, 201, 8)) and ttrs == [1.0] * len(positions)
-    assert evaluate.ttr_windows(ids[:40])[0] == [40]  # shorter than the window: one window
+    assert measures.ttr_windows(ids[:40])[0] == [40]  # shorter than the window: one window
 
 
 def test_ttr_windows_follow_a_sequence_that_starts_to_loop():
     ids = list(range(16)) + [1, 2] * 8  # 16 distinct, then a period-2 loop
-    positions, ttrs = evaluate.ttr_windows(ids, window=16, stride=8)
+    positions, ttrs = measures.ttr_windows(ids, window=16, stride=8)
     assert positions == [16, 24, 32]
     assert ttrs == pytest.approx([1.0, 10 / 16, 2 / 16])
 
 
 def test_ends_in_loop_definition():
-    assert evaluate.ends_in_loop([3] * 16) and not evaluate.ends_in_loop([3] * 15)  # p=1: 16 tokens
-    assert evaluate.ends_in_loop([9, 9, 9] + list(range(8)) * 2)  # p=8: two copies = 16 tokens
-    assert not evaluate.ends_in_loop([9] + list(range(7)) * 2)  # p=7: only 14 tokens
+    assert measures.ends_in_loop([3] * 16) and not measures.ends_in_loop([3] * 15)  # p=1: 16 tokens
+    assert measures.ends_in_loop([9, 9, 9] + list(range(8)) * 2)  # p=8: two copies = 16 tokens
+    assert not measures.ends_in_loop([9] + list(range(7)) * 2)  # p=7: only 14 tokens
     sentence = list(range(100, 130))
-    assert evaluate.ends_in_loop(list(range(50)) + sentence * 2)  # a 30-token sentence twice
-    assert not evaluate.ends_in_loop([1, 2, 3] * 10 + [4])  # a loop that was broken
+    assert measures.ends_in_loop(list(range(50)) + sentence * 2)  # a 30-token sentence twice
+    assert not measures.ends_in_loop([1, 2, 3] * 10 + [4])  # a loop that was broken
     long_unit = list(range(200, 270))
-    assert not evaluate.ends_in_loop(long_unit * 2)  # period 70 > LOOP_MAX_PERIOD
-    assert evaluate.ends_in_loop(long_unit * 2, max_period=70)
+    assert not measures.ends_in_loop(long_unit * 2)  # period 70 > LOOP_MAX_PERIOD
+    assert measures.ends_in_loop(long_unit * 2, max_period=70)
 
 
 def test_distinct_n_pools_the_set():
     seqs = [[1, 2, 3], [1, 2, 4]]
-    assert evaluate.distinct_n(seqs, 1) == pytest.approx(4 / 6)
-    assert evaluate.distinct_n(seqs, 2) == pytest.approx(3 / 4)  # 12, 23, 24 of 4 bigrams
-    assert evaluate.distinct_n(seqs, 3) == pytest.approx(2 / 2)
-    assert evaluate.token_rep_n([1, 2], 3) == 0.0 and evaluate.distinct_n([[1]], 2) == 0.0
+    assert measures.distinct_n(seqs, 1) == pytest.approx(4 / 6)
+    assert measures.distinct_n(seqs, 2) == pytest.approx(3 / 4)  # 12, 23, 24 of 4 bigrams
+    assert measures.distinct_n(seqs, 3) == pytest.approx(2 / 2)
+    assert measures.token_rep_n([1, 2], 3) == 0.0 and measures.distinct_n([[1]], 2) == 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -144,11 +143,11 @@ def test_simctg_on_hand_computed_texts():
         "a b a b a",
         "  c d e f g\n",
     ]  # cdef g: bigrams cd de ef (3 of 3); trigrams 2 of 2; 1 of 1
-    result = evaluate.simctg_repetition(texts)
+    result = measures.simctg_repetition(texts)
     assert result["simctg_rep_2"] == round((1 - 5 / 6) * 100, 2) == 16.67
     assert result["simctg_rep_3"] == 0.0 and result["simctg_rep_4"] == 0.0
     assert result["simctg_diversity"] == pytest.approx((1 - 0.1667) * 1 * 1)
-    assert evaluate.simctg_repetition(["one two"])["simctg_rep_2"] is None  # no bigram counted
+    assert measures.simctg_repetition(["one two"])["simctg_rep_2"] is None  # no bigram counted
 
 
 def test_simctg_equals_its_reference_code_on_random_texts():
@@ -159,7 +158,7 @@ def test_simctg_equals_its_reference_code_on_random_texts():
         ]
         texts = [" ".join(words[i:]) for i in range(0, len(words), 17)]
         reps, diversity = simctg_reference(texts)
-        result = evaluate.simctg_repetition(texts)
+        result = measures.simctg_repetition(texts)
         assert [result[f"simctg_rep_{n}"] for n in (2, 3, 4)] == reps
         assert result["simctg_diversity"] == pytest.approx(diversity, abs=1e-12)
 
@@ -171,13 +170,13 @@ def test_simctg_equals_its_reference_code_on_random_texts():
 def test_known_bleu():
     hyp, ref = [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7]
     expected = 100 * (5 / 6 * 4 / 5 * 3 / 4 * 2 / 3) ** 0.25  # clipped precisions, no brevity
-    assert evaluate.self_bleu4([hyp, ref]) == pytest.approx([expected, expected])
-    assert evaluate.dataset_bleu4(hyp, evaluate.TrainingIndex([ref])) == pytest.approx(expected)
-    assert evaluate.self_bleu4([hyp, hyp, hyp]) == pytest.approx([100.0] * 3)
-    assert evaluate.self_bleu4([hyp]) == [None]  # no other generation to compare with
+    assert measures.self_bleu4([hyp, ref]) == pytest.approx([expected, expected])
+    assert measures.dataset_bleu4(hyp, measures.TrainingIndex([ref])) == pytest.approx(expected)
+    assert measures.self_bleu4([hyp, hyp, hyp]) == pytest.approx([100.0] * 3)
+    assert measures.self_bleu4([hyp]) == [None]  # no other generation to compare with
     # floor smoothing: no 4-gram match -> 0.1 / 3 for the 4-gram precision (Chen & Cherry method 1)
     smoothed = 100 * (5 / 6 * 3 / 5 * 1 / 4 * (0.1 / 3)) ** 0.25
-    assert evaluate.self_bleu4([[1, 2, 3, 9, 5, 6], [1, 2, 3, 4, 5, 6]])[0] == pytest.approx(
+    assert measures.self_bleu4([[1, 2, 3, 9, 5, 6], [1, 2, 3, 4, 5, 6]])[0] == pytest.approx(
         smoothed
     )
 
@@ -190,14 +189,14 @@ def test_bleu_equals_sacrebleu_with_explicit_references():
             [rng.randrange(vocab) for _ in range(rng.randint(1, 25))]
             for _ in range(rng.randint(2, 6))
         ]
-        self_bleu = evaluate.self_bleu4(seqs)
+        self_bleu = measures.self_bleu4(seqs)
         for k, hyp in enumerate(seqs):
             expected = sacre(hyp, seqs[:k] + seqs[k + 1 :])
             assert self_bleu[k] == pytest.approx(expected, abs=1e-9), (trial, k)
         train = [[rng.randrange(vocab) for _ in range(12)] for _ in range(5)]
-        index = evaluate.TrainingIndex(train)
+        index = measures.TrainingIndex(train)
         for hyp in seqs:
-            assert evaluate.dataset_bleu4(hyp, index) == pytest.approx(sacre(hyp, train), abs=1e-9)
+            assert measures.dataset_bleu4(hyp, index) == pytest.approx(sacre(hyp, train), abs=1e-9)
 
 
 def test_texygen_self_bleu_equals_nltk_sentence_bleu():
@@ -212,31 +211,100 @@ def test_texygen_self_bleu_equals_nltk_sentence_bleu():
             for _ in range(rng.randint(2, 6))
         ]
         texts.append("zebra quokka")  # shares no word with any other text: 0
-        words = [evaluate.words(t) for t in texts]
-        ours = evaluate.self_bleu4_texygen(texts)
+        words = [measures.words(t) for t in texts]
+        ours = measures.self_bleu4_texygen(texts)
         for k in range(len(texts)):
             references = words[:k] + words[k + 1 :]
             expected = 100 * sentence_bleu(references, words[k], smoothing_function=method1)
             assert ours[k] == pytest.approx(expected, abs=1e-9), (trial, k, texts[k])
 
 
-def test_texygen_words_are_nltks_treebank_words():
-    """nltk's Treebank tokenizer on the whole text: a period inside the text stays on its word
-    ("go."), where Texygen's word_tokenize would first split sentences with punkt (data that needs
-    a download) and split it off; the text's final period is split off either way."""
-    assert evaluate.words('She said, "Don\'t go." Then left.') == [
+def test_texygen_words_are_nltks_word_tokenize_with_punkt():
+    """Texygen's words: nltk.word_tokenize, which splits sentences with Punkt first, so a period
+    that ends a sentence inside the text is its own word ("go", "."), as is the text's last one;
+    Punkt's English parameters come from the kit's data/nltk_data (nothing downloaded)."""
+    assert measures.words('She said, "Don\'t go." Then left. Mr. Yojo came.') == [
         "She",
         "said",
         ",",
         "``",
         "Do",
         "n't",
-        "go.",
+        "go",
+        ".",
         "''",
         "Then",
         "left",
         ".",
+        "Mr.",
+        "Yojo",
+        "came",
+        ".",
     ]
+
+
+# -----------------------------------------------------------------------------
+# quality: real words, scripts, MAUVE
+
+
+def test_unknown_words_on_hand_made_texts():
+    """An invented word is unknown, a name from the books may be, a common word never is; numbers
+    are not words; wordfreq's tokenizer lower-cases and splits at hyphens."""
+    text = "The whale was meltheless, said Rokovoko's friend Ahab in 1851 - well-known."
+    assert measures.text_words(text) == [
+        "the",
+        "whale",
+        "was",
+        "meltheless",
+        "said",
+        "rokovoko's",
+        "friend",
+        "ahab",
+        "in",
+        "well",
+        "known",
+    ]
+    assert measures.unknown_words(text) == ["meltheless", "rokovoko's"]  # Ahab is in the list
+    assert measures.unknown_word_share(text) == pytest.approx(2 / 11)
+    assert measures.unknown_words("withoutValueError convincinglyArguing") == [
+        "withoutvalueerror",
+        "convincinglyarguing",
+    ]
+    assert measures.unknown_word_share("1851 ...") is None  # no words at all
+    assert measures.unknown_word_share("He said that it was so.") == 0.0
+
+
+def test_foreign_script_letters_on_hand_made_texts():
+    """Letters outside the scripts of the training text: a CJK character in English fiction is
+    one, an accented Latin letter is not; punctuation and digits are no letters."""
+    allowed = measures.scripts(["Natsume Sōseki wrote Botchan; the café was naïve."])
+    assert allowed == {"LATIN"}
+    text = "He wrote 日本 and café — 42 times."  # 2 CJK among 21 letters
+    assert measures.foreign_letters(text, allowed) == ["日", "本"]
+    assert measures.foreign_script_share(text, allowed) == pytest.approx(2 / 21)
+    assert measures.foreign_script_share("— 42 —", allowed) is None
+    assert measures.script("の") == "HIRAGANA" and measures.script("Ω") == "GREEK"
+
+
+def test_mauve_equals_mauve_compute_mauve_on_the_same_features():
+    """measures.mauve_score is mauve-text's compute_mauve on precomputed features (its defaults,
+    the same seed), with a bootstrap interval that holds the value."""
+    import mauve
+
+    rng = np.random.RandomState(0)
+    p = rng.normal(size=(40, 16)).astype(np.float32)
+    q = (rng.normal(size=(40, 16)) + 0.8).astype(np.float32)
+    result = measures.mauve_score(p, q, seed=3, bootstrap=20)
+    direct = mauve.compute_mauve(p_features=p, q_features=q, seed=3).mauve
+    assert result["mauve"] == pytest.approx(direct, abs=1e-12)
+    assert result["samples"] == 40 and result["buckets"] == 4 and result["bootstrap"] == 20
+    low, high = result["ci"]
+    assert 0 <= low <= high <= 1
+    same = measures.mauve_score(p, p, seed=3, bootstrap=0)
+    assert same["mauve"] == pytest.approx(
+        mauve.compute_mauve(p_features=p, q_features=p, seed=3).mauve
+    )
+    assert same["mauve"] > result["mauve"]  # identical sets are closer than shifted ones
 
 
 # -----------------------------------------------------------------------------
@@ -245,18 +313,18 @@ def test_texygen_words_are_nltks_treebank_words():
 
 def test_longest_shared_span():
     train = [[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]]
-    index = evaluate.TrainingIndex(train)
-    assert evaluate.longest_shared_span([0, 3, 4, 5, 6, 7, 8, 9], index) == 4  # 6 -> 7 crosses
-    assert evaluate.longest_shared_span([0, 0, 0], index) == 0
+    index = measures.TrainingIndex(train)
+    assert measures.longest_shared_span([0, 3, 4, 5, 6, 7, 8, 9], index) == 4  # 6 -> 7 crosses
+    assert measures.longest_shared_span([0, 0, 0], index) == 0
     # a match that runs to the end of the continuation: a plain int, as JSON needs
-    whole = evaluate.longest_shared_span(
+    whole = measures.longest_shared_span(
         [2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12],
-        evaluate.TrainingIndex([list(range(1, 40))]),
+        measures.TrainingIndex([list(range(1, 40))]),
     )
     assert whole == 12 and type(whole) is int
     rng = np.random.RandomState(0)  # random data, spans far beyond the 11-token anchor
     train = rng.randint(0, 6, (8, 40))  # small vocabulary: many short chance matches
-    index = evaluate.TrainingIndex(train)
+    index = measures.TrainingIndex(train)
     for _ in range(12):
         ids = rng.randint(0, 6, 50)
         length, row, at, col = (
@@ -266,14 +334,14 @@ def test_longest_shared_span():
             rng.randint(0, 5),
         )
         ids[at : at + length] = train[row, col : col + length][: 50 - at]
-        assert evaluate.longest_shared_span(ids.tolist(), index) == brute_longest_span(
+        assert measures.longest_shared_span(ids.tolist(), index) == brute_longest_span(
             ids.tolist(), train.tolist()
         )
 
 
 def test_override_statistics_on_hand_made_ranks():
     ranks = [[1, 1, 2, 15, 1], [1, 200, 4, 1, 7]]  # 10 tokens: 5 the original's top-1, 5 overrides
-    stats = evaluate.override_statistics(ranks)
+    stats = measures.override_statistics(ranks)
     assert stats["original_top1_share"] == 0.5
     assert stats["override_beyond_top10_share"] == pytest.approx(2 / 5)  # ranks 15 and 200
     assert stats["override_rank_shares"] == pytest.approx(
@@ -281,20 +349,19 @@ def test_override_statistics_on_hand_made_ranks():
     )
 
 
-def test_metrics_are_fast_enough():
-    """The paper's scale: 300 generations x 256 tokens against 2,000 x 256 training tokens.
-    Measured, not asserted tightly (the CPU is shared); 60 s is a loose ceiling."""
+def test_metrics_at_the_papers_scale():
+    """The paper's scale: 300 generations x 256 tokens against 2,000 x 256 training tokens (the
+    time it takes is the benchmark's, bench/bench.py)."""
     rng = np.random.RandomState(1)
     train = rng.randint(0, 49152, (2000, 256))
     gens = rng.randint(0, 3000, (300, 256))
     gens[:30, 20:120] = train[:30, :100]  # some memorised
-    start = time.time()
-    index = evaluate.TrainingIndex(train)
-    spans = [evaluate.longest_shared_span(g, index) for g in gens]
-    evaluate.self_bleu4(gens.tolist())
-    [evaluate.dataset_bleu4(g, index) for g in gens]
+    index = measures.TrainingIndex(train)
+    spans = [measures.longest_shared_span(g, index) for g in gens]
+    measures.self_bleu4(gens.tolist())
+    [measures.dataset_bleu4(g, index) for g in gens]
     texts = [" ".join(f"w{t % 500}" for t in g) for g in gens]
-    evaluate.self_bleu4_texygen(texts)
-    evaluate.simctg_repetition(texts)
-    assert max(spans) == 100 and time.time() - start < 60
-    assert math.isfinite(evaluate.self_bleu4_texygen(texts[:5])[0])
+    measures.self_bleu4_texygen(texts)
+    measures.simctg_repetition(texts)
+    assert max(spans) == 100
+    assert math.isfinite(measures.self_bleu4_texygen(texts[:5])[0])

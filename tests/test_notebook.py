@@ -34,10 +34,10 @@ def outputs(cell):
     return [o for o in cell.get("outputs", []) if o.get("output_type") != "stream" or o.get("text")]
 
 
-def test_the_notebook_runs_top_to_bottom(tmp_path):
+def test_the_notebook_runs_top_to_bottom(tmp_path, tiny_model_dir):
     notebook = nbformat.read(ROOT / "hyperfit.ipynb", as_version=4)
     env = {
-        "HYPERFIT_NOTEBOOK_QUICK": "1",
+        "HYPERFIT_NOTEBOOK_MODEL": tiny_model_dir,
         "HYPERFIT_NOTEBOOK_OUT": str(tmp_path),
         "OMP_NUM_THREADS": "1",
     }
@@ -47,7 +47,7 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
         not any(o.get("output_type") == "error" for o in cell.get("outputs", [])) for cell in code
     )
     images = [o for cell in code for o in outputs(cell) if "image/png" in o.get("data", {})]
-    assert len(images) >= 3  # training curves, decoding comparison, TTR along the position
+    assert len(images) >= 4  # training curves, decoding comparison, quality, TTR along the position
     markdown = [
         o["data"]["text/markdown"]
         for cell in code
@@ -57,26 +57,36 @@ def test_the_notebook_runs_top_to_bottom(tmp_path):
     assert any("| hyperfitted_greedy |" in m for m in markdown)  # table.md shown inline
     assert any("beside the paper" in m for m in markdown)  # paper_comparison.md shown inline
     run = tmp_path / "notebook"
-    assert (run / "report.md").exists() and (run / "eval" / "annotate.html").exists()
+    assert (run / "report.md").exists() and (run / "human_study" / "annotate.html").exists()
+    assert (run / "eval" / "table.md").exists() and (run / "eval" / "quality.png").exists()
     assert not (ROOT / "results" / "notebook").exists()  # nothing written into the kit's results
 
 
-@pytest.mark.parametrize("script", ["hyperfit.py", "evaluate.py", "plot.py"])
+ORDER = ["hyperfit.py", "measures.py", "evaluate.py", "annotate.py", "studies.py", "plot.py"]
+
+
+@pytest.mark.parametrize("script", ORDER)
 def test_a_script_pasted_into_a_cell_only_defines_its_functions(tmp_path, script):
     """As on Colab: no kit files beside the notebook, each file's text pasted into a cell, in the
-    order hyperfit -> evaluate -> plot, then a cell that uses them. The kernel's own argv (-f
-    <connection file>) must not reach an argument parser, and nothing may exit."""
-    order = ["hyperfit.py", "evaluate.py", "plot.py"]
-    sources = [(ROOT / name).read_text() for name in order[: order.index(script) + 1]]
+    order of ORDER (plot.py alone needs none before it), then a cell that uses them. The kernel's
+    own argv (-f <connection file>) must not reach an argument parser, and nothing may exit."""
+    names = [script] if script == "plot.py" else ORDER[: ORDER.index(script) + 1]
+    sources = [(ROOT / name).read_text() for name in names]
     checks = {
         "hyperfit.py": "print(type_token_ratio([1, 2, 2, 3]), callable(hyperfit), callable(main))",
-        "evaluate.py": "print(simctg_repetition(['a b a b a'])['simctg_rep_2'], "
-        "callable(evaluate))",
+        "measures.py": "print(simctg_repetition(['a b a b a'])['simctg_rep_2'], "
+        "unknown_words('a zxqv'))",
+        "evaluate.py": "print(check_modes(None, True)[-1], callable(evaluate))",
+        "annotate.py": "print(page_id_of([]) == page_id_of([]), callable(write_page))",
+        "studies.py": "print(study_plan('shuffle')[0][0], callable(run_study))",
         "plot.py": "print(repeated_ngram_mask([1, 2, 3, 1, 2, 3], 3), callable(plot_run))",
     }
     expected = {
         "hyperfit.py": "0.75 True True",
-        "evaluate.py": "33.33 True",
+        "measures.py": "33.33 ['zxqv']",
+        "evaluate.py": "hyperfitted_blocked True",
+        "annotate.py": "True True",
+        "studies.py": "order0 True",
         "plot.py": "[False, False, False, False, False, True] True",
     }
     cells = [nbformat.v4.new_code_cell(text) for text in sources]

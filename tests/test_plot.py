@@ -1,5 +1,6 @@
 """Tests for plot.py on small synthetic run folders (CPU, a few seconds)."""
 
+import hashlib
 import json
 import math
 import subprocess
@@ -79,23 +80,27 @@ def write_run(root, name="run", records=None, extra_text="", eval_dir=True):
         (run / "eval" / "generations.jsonl").write_text(
             "".join(json.dumps(g) + "\n" for g in generations())
         )
-        (run / "eval" / "table.md").write_text(
-            "| mode | TTR |\n|---|---|\n| hyperfitted greedy | 0.81 |\n"
-        )
     return run
 
 
 def summary():
+    """A summary.json as evaluate.py writes it (the fields plot.py reads)."""
     modes = {}
-    for i, mode in enumerate(MODES + ["some_new_mode"]):
+    for i, mode in enumerate(MODES + ["human", "some_new_mode"]):
         positions = list(range(32, 257, 16))
         modes[mode] = {
             "n": 8,
             "metrics": {
                 "ttr_first96": {"mean": 0.2 + 0.1 * i, "std": 0.05},
+                "ttr": {"mean": 0.15 + 0.1 * i, "std": 0.05},
                 "simctg_diversity": {"mean": 0.3 + 0.1 * i, "std": None},
+                "simctg_rep_2": {"mean": 40.0 - 5 * i, "std": None},
                 "self_bleu4_texygen_first96": {"mean": 0.5 - 0.05 * i, "std": 0.02},
                 "dataset_bleu4_first96": {"mean": 0.1, "std": 0.01},
+                "overlap_gt10_share_first96": {"mean": 0.01, "std": None},
+                "unknown_word_share": {"mean": 0.004 * (i + 1), "std": 0.002},
+                "original_top1_share": {"mean": 0.5, "std": 0.1},
+                "override_beyond_top10_share": {"mean": 0.2, "std": None},
             },
             "ttr_by_position": {
                 "window": 32,
@@ -104,10 +109,31 @@ def summary():
                 "std": [0.05] * len(positions),
             },
         }
+        if mode != "human":
+            modes[mode]["metrics"]["mauve"] = {
+                "mean": 0.5 + 0.05 * i,
+                "std": None,
+                "ci": [0.3, 0.9],
+            }
+            modes[mode]["mauve"] = {"samples": 8, "buckets": 2, "bootstrap": 100}
+    stats = {"perplexity": 50.0, "entropy": 3.0, "top1": 0.3, "top3": 0.5, "top5": 0.6}
     return {
         "run": "results/x",
-        "args": {},
+        "args": {
+            "model": "tiny-test-model",
+            "quant": "4bit",
+            "num_prompts": 8,
+            "new_tokens": 256,
+            "sharpness_seqs": 4,
+            "split": {"prompt_len": 32, "num_train": 16, "seq_len": 128},
+        },
+        "command": "python evaluate.py results/x",
         "modes": modes,
+        "sharpness": {
+            "original": stats,
+            "hyperfitted": dict(stats, entropy=1.5, top1=0.6),
+            "val_top1_agreement": 0.4,
+        },
         "entropy_matched_temperature": {
             "temperature": 0.71,
             "target_entropy": 1.0,
@@ -167,12 +193,15 @@ def test_plot_run_writes_every_figure_with_expected_size(plotted_run):
         run / "training_curves.png": plot.TRAINING_FIGSIZE,
         run / "eval" / "decoding_comparison.png": plot.COMPARISON_FIGSIZE,
         run / "eval" / "ttr_by_position.png": plot.TTR_POSITION_FIGSIZE,
+        run / "eval" / "quality.png": plot.QUALITY_FIGSIZE,
     }
     for path, figsize in expected.items():
         assert str(path) in written
         assert png_size(path) == expected_size(figsize)
         assert path.with_suffix(".svg").read_text().lstrip().startswith("<?xml")
     assert str(run / "eval" / "repetition.html") in written and str(run / "report.md") in written
+    for page in ("table.md", "paper_comparison.md"):  # plot.py renders every Markdown file
+        assert str(run / "eval" / page) in written
 
 
 def test_training_curves_single_run_panels_and_reference_lines(tmp_path):
@@ -224,10 +253,11 @@ def test_decoding_comparison_bars_and_colours(tmp_path):
     fig = plot.plot_decoding_comparison(summary())
     assert len(fig.axes) == 4
     ttr_ax = fig.axes[0]
-    assert len(ttr_ax.patches) == 6  # one bar per mode, including the unknown one
+    assert len(ttr_ax.patches) == 7  # one bar per mode, the human text, and the unknown mode
     colors = [matplotlib.colors.to_hex(p.get_facecolor()) for p in ttr_ax.patches]
-    assert colors[:5] == [plot.MODE_COLORS[m] for m in MODES]  # display order, consistent colours
-    assert colors[5] in plot.FALLBACK_COLORS
+    modes = [*MODES, "human"]  # display order, consistent colours
+    assert colors[:6] == [plot.MODE_COLORS[m] for m in modes]
+    assert colors[6] in plot.FALLBACK_COLORS
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert (
         labels[2] == "original, entropy-matched T=0.71"
@@ -245,7 +275,9 @@ def test_decoding_comparison_bars_and_colours(tmp_path):
 def test_ttr_by_position_one_line_per_mode():
     fig = plot.plot_ttr_by_position(summary())
     ax = fig.axes[0]
-    assert len(ax.lines) == 6 and len(ax.collections) == 6  # line + std band per mode
+    assert (
+        len(ax.lines) == 7 and len(ax.collections) == 7
+    )  # line + std band per mode and the human text
     assert (
         matplotlib.colors.to_hex(ax.lines[3].get_color()) == plot.MODE_COLORS["hyperfitted_greedy"]
     )
@@ -320,9 +352,12 @@ def test_report_links_figures_and_embeds_table(plotted_run):
         "(eval/decoding_comparison.png)",
         "(eval/ttr_by_position.png)",
         "(eval/repetition.html)",
+        "(eval/quality.png)",
+        "(eval/paper_comparison.md)",
     ]:
         assert link in report
-    assert "| hyperfitted greedy | 0.81 |" in report  # eval/table.md embedded
+    assert "| hyperfitted_greedy | 0.500 ± 0.050 |" in report  # eval/table.md embedded
+    assert "| human | 0.700 ± 0.050 |" in report and "unknown words" in report
     assert "| validation loss | 3 | 4.6 |" in report  # first vs last val_loss
     assert "tiny-test-model" in report
 
@@ -393,13 +428,77 @@ def test_a_truncated_summary_is_one_line_and_nothing_is_written(tmp_path, capsys
     assert sorted(run.rglob("*")) == before
 
 
-def test_report_links_the_paper_comparison_and_the_annotation_page(tmp_path):
+def human_study(run, evaluation):
+    """A human_study/ folder as annotate.py writes it, built from the evaluation `evaluation`."""
+    study = run / "human_study"
+    study.mkdir()
+    key = {
+        "page_id": "0123456789abcdef",
+        "seed": 0,
+        "evaluation": evaluation,
+        "items": {"i001": {"mode": "original_greedy", "prompt_id": 0, "model_side": "left"}},
+    }
+    (study / "annotate_key.json").write_text(json.dumps(key))
+    (study / "annotate.html").write_text("<html></html>")
+    scores = {
+        "page_id": "0123456789abcdef",
+        "n_boot": 10,
+        "differences": [],
+        "unjudged_modes": [],
+        "modes": {
+            "original_greedy": {
+                "score": 75.0,
+                "ci": [50.0, 100.0],
+                "model_better": 50.0,
+                "equal": 25.0,
+                "human_better": 25.0,
+                "n": 4,
+                "prompts": 4,
+            }
+        },
+        "agreement": {"alpha": None, "reason": "only one annotator", "items": 0, "annotators": 0},
+        "counts": {
+            "annotators": 1,
+            "judgments": 4,
+            "items_judged": 4,
+            "num_items": 4,
+            "prompts": 4,
+        },
+        "annotators": [{"annotator": "ana", "judged": 4, "num_items": 4, "replaces": []}],
+    }
+    (study / "preference.json").write_text(json.dumps(scores))
+    return study
+
+
+def test_the_human_study_of_this_evaluation_is_rendered_and_linked(tmp_path):
     run = write_run(tmp_path)
-    (run / "eval" / "paper_comparison.md").write_text("# beside the paper")
-    (run / "eval" / "annotate.html").write_text("<html></html>")
-    plot.plot_run(run)
+    digest = hashlib.sha256((run / "eval" / "generations.jsonl").read_bytes()).hexdigest()[:16]
+    study = human_study(run, digest)
+    written = plot.plot_run(run)
+    assert str(study / "preference.md") in written and str(study / "preference.png") in written
+    assert "**75.0**" in (study / "preference.md").read_text()
     report = (run / "report.md").read_text()
-    assert "(eval/paper_comparison.md)" in report and "(eval/annotate.html)" in report
+    assert "(human_study/annotate.html)" in report and "(human_study/preference.md)" in report
+
+
+def test_a_human_study_of_an_earlier_evaluation_is_not_presented_as_current(tmp_path):
+    run = write_run(tmp_path)
+    study = human_study(run, "0000000000000000")  # another evaluation's page
+    written = plot.plot_run(run)
+    assert not (study / "preference.md").exists() and not any(str(study) in p for p in written)
+    report = (run / "report.md").read_text()
+    assert "human_study/annotate.html" not in report and "earlier evaluation" in report
+
+
+def test_a_run_name_is_never_read_as_mathtext(tmp_path):
+    """A run named with TeX's dollar signs draws as text (matplotlib would parse '$...$')."""
+    for name in ("a$^$", "x$\\frac{1}{0}$"):
+        run = write_run(tmp_path, name, eval_dir=False)
+        fig = plot.plot_training_curves(run)
+        fig.canvas.draw()  # mathtext would raise here
+        assert name in fig._suptitle.get_text().replace("\\$", "$")
+    overlay = plot.plot_training_curves([tmp_path / "a$^$", tmp_path / "x$\\frac{1}{0}$"])
+    overlay.canvas.draw()
 
 
 def study_json(kind):
@@ -428,7 +527,7 @@ def study_json(kind):
         "study": kind,
         "paper": "a claim",
         "rows": rows,
-        "command": f"python evaluate.py --study {kind}",
+        "command": f"python studies.py {kind}",
         "training": {"model": "smollm2-135m", "seq_len": 64},
         "evaluation": {"new_tokens": 96},
     }
@@ -448,7 +547,8 @@ def test_a_study_gets_its_figure_and_report(tmp_path, capsys, kind):
     assert plot.main([str(folder)]) == 0
     assert png_size(folder / "study.png")[0] > 0
     report = (folder / "report.md").read_text()
-    assert "![study](study.png)" in report and "a claim" in report
+    statement = plot.read_paper()["studies"][kind]["statement"]  # the paper's, from data/paper.json
+    assert "![study](study.png)" in report and statement in report
     rows = [line for line in report.splitlines() if line.startswith("| [")]
     assert len(rows) == len(study_json(kind)["rows"])
     if kind == "shuffle":

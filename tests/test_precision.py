@@ -6,6 +6,7 @@ saved and reloaded gives the same logits."""
 
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ def lora_net(model_dir, dtype="float32", **kwargs):
 def test_lean_loss_equals_the_plain_loss_to_every_gradient(tiny_model_dir, gradient_checkpointing):
     ids = torch.randint(0, 300, (4, 40), generator=torch.Generator().manual_seed(0))
     results = []
-    for loss_fn in (hyperfit.plain_loss_sum, lambda net, ids: hyperfit.loss_sum(net, ids, 48)):
+    for loss_fn in (hyperfit.plain_loss_sum, lambda net, ids: hyperfit.lean_loss_sum(net, ids, 48)):
         net = lora_net(tiny_model_dir, gradient_checkpointing=gradient_checkpointing)
         for p in net.parameters():
             if p.requires_grad:
@@ -50,11 +51,13 @@ def test_lean_loss_never_holds_the_full_logits(tiny_model_dir, monkeypatch):
     seen = []
     handle = head.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     ids = torch.randint(0, 300, (8, 64))
-    hyperfit.loss_sum(net, ids, chunk_tokens=100).backward()  # recomputed chunks: seen again
+    hyperfit.lean_loss_sum(net, ids, chunk_tokens=100).backward()  # recomputed chunks: seen again
     handle.remove()
     vocab = head.weight.shape[0]
     assert seen and all(shape[-1] == vocab and math.prod(shape[:-1]) <= 100 for shape in seen)
-    assert sum(math.prod(s[:-1]) for s in seen) == 2 * 8 * 63  # forward + recomputed backward
+    # the model's own logits of one position per row (logits_to_keep=1), then every chunk twice:
+    # the forward and its recomputation in the backward pass
+    assert sum(math.prod(s[:-1]) for s in seen) == 8 + 2 * 8 * 63
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
@@ -68,9 +71,15 @@ def test_training_steps_at_low_precision(tiny_model_dir, dtype):
     scaler = torch.amp.GradScaler("cpu", enabled=dtype == "float16")  # as prepare_run sets it
     ids = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(1))
     net.train()
-    losses = [
-        hyperfit.train_step(net, optimizer, scaler, ids, Accelerator(cpu=True), 8) for _ in range(3)
-    ]
+    step = SimpleNamespace(
+        net=net,
+        optimizer=optimizer,
+        scaler=scaler,
+        loss=hyperfit.lean_loss_sum,
+        accelerator=Accelerator(cpu=True),
+        micro_batch_size=8,
+    )
+    losses = [hyperfit.train_step(step, ids) for _ in range(3)]
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
     unchanged = [n for n, p in lora.items() if torch.equal(p, before[n])]
     assert not unchanged  # gradients reached every LoRA tensor (lora_B first, then lora_A)

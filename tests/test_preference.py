@@ -1,4 +1,5 @@
-"""The blind A/B annotation page (evaluate.py) and the scorer of its judgments (plot.py).
+"""The human study (annotate.py): the blind A/B page, its key and the scorer of its judgments,
+and plot.py's rendering of the scores.
 
 Unit tests check the page's item order, sides and blinding, and the scorer on hand-made judgments
 with known results. The browser test drives annotate.html in a real headless Chromium: answers by
@@ -7,15 +8,19 @@ click and key, undo, a note, a reload, the download, and an import into a cleare
 import itertools
 import json
 import os
+import re
 import time
 from pathlib import Path
 
 import pytest
 
-import evaluate as annotation  # the page's builder lives in evaluate.py
-import plot as preference  # the scorer lives in plot.py
+import annotate
+import evaluate
+import hyperfit
+import plot
 
-MODES = annotation.MODES
+annotation = preference = annotate  # the page's builder and the scorer both live in annotate.py
+MODES = evaluate.MODES
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
@@ -113,11 +118,11 @@ def test_item_ids_are_opaque():
 
 def test_bad_pairs_raise_one_line():
     pairs = make_pairs(2, MODES[:2])
-    with pytest.raises(annotation.UsageError, match="repeats prompt 0"):
+    with pytest.raises(hyperfit.UsageError, match="repeats prompt 0"):
         annotation.build_annotation(pairs + [dict(pairs[0])])
-    with pytest.raises(annotation.UsageError, match="lacks human_text"):
+    with pytest.raises(hyperfit.UsageError, match="lacks human_text"):
         annotation.build_annotation([{k: v for k, v in pairs[0].items() if k != "human_text"}])
-    with pytest.raises(annotation.UsageError, match="no pairs"):
+    with pytest.raises(hyperfit.UsageError, match="no pairs"):
         annotation.build_annotation([])
 
 
@@ -130,18 +135,40 @@ def test_script_tags_in_texts_cannot_break_the_page():
     assert page.count("</script>") == 3  # the two JSON blocks and the program
 
 
-def test_write_annotation_writes_page_and_key(tmp_path):
-    html_path, key_path = annotation.write_annotation(tmp_path / "eval", make_pairs(3, MODES[:2]))
+def write_page(folder, pairs):
+    """The page and key of `pairs` in `folder` (annotate.py's files); returns their paths."""
+    annotate.write_folder(folder, annotate.page_files(pairs))
+    return folder / "annotate.html", folder / "annotate_key.json"
+
+
+def test_write_page_writes_page_and_key(tmp_path):
+    html_path, key_path = write_page(tmp_path / "human_study", make_pairs(3, MODES[:2]))
     key = json.loads(Path(key_path).read_text(encoding="utf-8"))
     page = Path(html_path).read_text(encoding="utf-8")
-    assert Path(html_path).name == "annotate.html" and Path(key_path).name == "annotate_key.json"
     assert key["page_id"] in page and len(key["items"]) == 6
-    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["human_study"]  # nothing left beside it
+    assert sorted(p.name for p in (tmp_path / "human_study").iterdir()) == [
         "annotate.html",
         "annotate_key.json",
-    ]  # no temporary files left behind
+    ]
     for needle in ("http://", "https://", "<link", "src="):
         assert needle not in page  # self-contained: nothing to fetch
+
+
+def test_placeholder_names_in_texts_stay_text():
+    """The template is filled in one pass: a continuation that holds a placeholder's name (or
+    JSON-looking text) is shown as text, and the page's JSON blocks still parse."""
+    pairs = make_pairs(2, MODES[:2])
+    pairs[0]["model_text"] = '__PAGE_JSON__ and __ITEMS_JSON__ and __TITLE__ {"x": 1}'
+    items, key = annotation.build_annotation(pairs)
+    page = annotation.annotation_html(items, key["page_id"])
+    blocks = re.findall(r'<script type="application/json" id="[a-z-]+">(.*?)</script>', page, re.S)
+    assert len(blocks) == 2
+    items_back, page_data = (json.loads(block) for block in blocks)
+    assert any(
+        "__PAGE_JSON__ and __ITEMS_JSON__" in item["left"] + item["right"] for item in items_back
+    )
+    assert page_data == {"page_id": key["page_id"], "format": annotate.JUDGMENTS_FORMAT}
 
 
 # -----------------------------------------------------------------------------
@@ -326,7 +353,7 @@ def test_half_finished_session_is_scored_on_what_was_judged(tmp_path):
     scores = preference.score_preference(known_key(), [judged])
     assert scores["modes"]["original_greedy"]["score"] == 100.0  # k00: model (left) better
     assert scores["modes"]["hyperfitted_greedy"]["score"] == 0.0  # k04: model is on the right
-    table = preference.preference_table(scores)
+    table = plot.preference_table(scores, plot.read_paper())
     assert "annotator ana: 2 of 8 items judged" in table
 
 
@@ -346,36 +373,64 @@ def test_table_and_figure(tmp_path):
         [judgment_set("ana", KNOWN_CHOICES), judgment_set("bo", {"k00": "right", "k04": "left"})],
         n_boot=500,
     )
-    table = preference.preference_table(scores)
+    table = plot.preference_table(scores, plot.read_paper())
     assert "| original greedy | **60.0** |" in table  # ana: 3 of 4 not worse, bo: 0 of 1
     assert "| hyperfitted greedy | **80.0** |" in table  # ana: 4 of 4, bo: 0 of 1 (k04 model right)
-    fig = preference.plot_preference(scores)
+    fig = plot.plot_preference(scores)
     (ax,) = fig.axes
     assert ax.get_ylim() == (0.0, 100.0) and len(ax.patches) == 2
-    for needle in ("TinyLlama 1.1B", "34.3", "52.4", "Krippendorff's alpha", "hyperfitted greedy"):
-        assert needle in table
+    for needle in (
+        "TinyLlama 1.1B",
+        "34.3",
+        "35.6",
+        "52.4",
+        "Krippendorff's alpha",
+        "hyperfitted greedy",
+    ):
+        assert needle in table  # 35.6: DeepSeek's top-p, from data/paper.json
 
 
-def test_write_preference_checks_everything_before_writing(tmp_path):
+def test_annotator_names_reach_markdown_as_text():
+    """A name from a judgments file is escaped in preference.md: no heading, no HTML."""
+    name = "# <script>alert(1)</script><img src=x onerror=alert(2)> *bold* | pipe"
+    scores = preference.score_preference(
+        known_key(), [judgment_set(name, KNOWN_CHOICES)], n_boot=50
+    )
+    table = plot.preference_table(scores, plot.read_paper())
+    assert "<script>" not in table and "<img" not in table and "\n# " not in table
+    line = next(line for line in table.splitlines() if "alert(1)" in line)
+    assert line.startswith("- annotator ") and "&lt;script&gt;" in line and "\\|" in line
+
+
+def test_a_deeply_nested_judgments_file_is_one_line(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    with pytest.raises(preference.JudgmentError, match="nested too deeply") as error:
+        preference.read_judgments(known_key(), [path])
+    assert "\n" not in str(error.value)
+
+
+def test_write_scores_checks_everything_before_writing(tmp_path):
     run = tmp_path / "run"
-    with pytest.raises(preference.JudgmentError, match="run evaluate.py"):
-        preference.write_preference(run, [tmp_path])
-    (run / "eval").mkdir(parents=True)
-    (run / "eval" / "annotate_key.json").write_text(json.dumps(known_key()), encoding="utf-8")
+    with pytest.raises(preference.JudgmentError, match="build the page first"):
+        preference.write_scores(run, [tmp_path])
+    (run / "human_study").mkdir(parents=True)
+    (run / "human_study" / "annotate_key.json").write_text(
+        json.dumps(known_key()), encoding="utf-8"
+    )
     good = write_file(tmp_path, "ana", KNOWN_CHOICES)
     bad = write_file(tmp_path, "bo", {"k00": "left"}, page_id="fedcba9876543210")
     with pytest.raises(preference.JudgmentError, match="another annotation page"):
-        preference.write_preference(run, [good, bad])
-    assert sorted(p.name for p in (run / "eval").iterdir()) == ["annotate_key.json"]
-    written = preference.write_preference(run, [good])
-    assert [Path(p).name for p in written] == ["preference.md", "preference.png"]
-    assert Path(written[1]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "**75.0**" in Path(written[0]).read_text(encoding="utf-8")
-    assert sorted(p.name for p in (run / "eval").iterdir()) == [
-        "annotate_key.json",
-        "preference.md",
-        "preference.png",
-    ]
+        preference.write_scores(run, [good, bad])
+    assert sorted(p.name for p in (run / "human_study").iterdir()) == ["annotate_key.json"]
+    scores = preference.write_scores(run, [good], n_boot=200)
+    on_disk = json.loads((run / "human_study" / "preference.json").read_text(encoding="utf-8"))
+    assert (
+        on_disk["modes"]["original_greedy"]["score"]
+        == scores["modes"]["original_greedy"]["score"]
+        == 75.0
+    )
+    assert on_disk["page_id"] == PAGE_ID
 
 
 # -----------------------------------------------------------------------------
@@ -550,7 +605,7 @@ def check_import(page, downloaded, key, tmp_path):
 
 def test_annotation_page_in_a_real_browser(tmp_path):
     binaries = browser_binaries()
-    html_path, key_path = annotation.write_annotation(tmp_path / "eval", make_pairs(3, MODES[:2]))
+    html_path, key_path = write_page(tmp_path / "human_study", make_pairs(3, MODES[:2]))
     key = json.loads(Path(key_path).read_text(encoding="utf-8"))
     downloads = tmp_path / "downloads"
     downloads.mkdir()

@@ -450,8 +450,8 @@ def test_paths_inside_the_kit_are_recorded_relative_to_it(tiny_model_dir, tmp_pa
     assert hyperfit.portable_path(ROOT / "data" / "fiction") == "data/fiction"
     assert hyperfit.portable_path(tmp_path) == str(tmp_path)
     assert hyperfit.absolute_path("data/fiction") == str(ROOT / "data" / "fiction")
-    settings = hyperfit.new_settings(None, {"data": str(ROOT / "data" / "fiction")})
-    assert settings["data"] == "data/fiction" and settings["out_dir"] == "results"
+    settings = hyperfit.new_settings({"data": str(ROOT / "data" / "fiction")})
+    assert settings.data == "data/fiction" and settings.out_dir == "results"
 
 
 def test_a_sigterm_saves_and_exits_130(tiny_model_dir, tiny_data, tmp_path):

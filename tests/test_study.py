@@ -1,15 +1,16 @@
-"""The paper's studies (evaluate.py --study) on the tiny model: every run is an ordinary run folder,
+"""The paper's studies (studies.py) on the tiny model: every run is an ordinary run folder,
 validation and prompts are the same at every data size, a rerun skips finished runs and resumes
-an interrupted one, and plot.py draws the study."""
+an interrupted one, a rerun with other settings is refused, every option of the command is
+honoured, and plot.py draws the study."""
 
 import json
 import shutil
 
 import pytest
 
-import evaluate
 import hyperfit
 import plot
+import studies
 
 TRAINING = dict(
     seq_len=64,
@@ -28,18 +29,12 @@ EVALUATION = dict(  # more prompts than validation sequences: held-out blocks pr
 
 @pytest.fixture(scope="module")
 def data_size_study(tiny_model_dir, tiny_data, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("studies") / "data-size"
-    study = evaluate.run_study(
-        "data-size",
-        out_dir=folder,
-        model=tiny_model_dir,
-        data=tiny_data,
-        sizes=[8, 16],
-        training=TRAINING,
-        evaluation=EVALUATION,
-        progress=False,
+    root = tmp_path_factory.mktemp("studies")
+    training = dict(TRAINING, model=tiny_model_dir, data=tiny_data)
+    study = studies.run_study(
+        "data-size", root, training, EVALUATION, sizes=[8, 16], progress=False
     )
-    return folder, study
+    return root / "data-size", study
 
 
 def test_one_ordinary_run_per_size(data_size_study):
@@ -57,12 +52,14 @@ def test_one_ordinary_run_per_size(data_size_study):
             "val_loss",
             "train_loss",
             "final_train_loss",
+            "human.unknown_word_share",
         ):
             assert row[key] is not None, key
     assert json.loads((folder / "study.json").read_text())["rows"] == study["rows"]
+    assert study["command"].startswith("python studies.py data-size")
 
 
-def test_validation_and_prompts_are_the_same_at_every_size(data_size_study, tiny_model_dir):
+def test_validation_and_prompts_are_the_same_at_every_size(data_size_study):
     folder, _ = data_size_study
     prompts, val = [], []
     for name in ("n8", "n16"):
@@ -86,15 +83,9 @@ def test_a_rerun_skips_finished_runs_and_resumes_an_interrupted_one(
     finished = (folder / "n8" / "metrics.jsonl").stat().st_mtime_ns
     shutil.rmtree(folder / "n16" / "adapter")  # n16 killed after its last checkpoint ...
     shutil.rmtree(folder / "n16" / "eval")  # ... before it was evaluated
-    again = evaluate.run_study(
-        "data-size",
-        out_dir=folder,
-        model=tiny_model_dir,
-        data=tiny_data,
-        sizes=[8, 16],
-        training=TRAINING,
-        evaluation=EVALUATION,
-        progress=False,
+    training = dict(TRAINING, model=tiny_model_dir, data=tiny_data)
+    again = studies.run_study(
+        "data-size", folder.parent, training, EVALUATION, sizes=[8, 16], progress=False
     )
     assert (folder / "n8" / "metrics.jsonl").stat().st_mtime_ns == finished  # not retrained
     assert (folder / "n16" / "adapter").exists() and (
@@ -104,7 +95,50 @@ def test_a_rerun_skips_finished_runs_and_resumes_an_interrupted_one(
     assert again["rows"][1]["train_loss"] == study["rows"][1]["train_loss"]  # resumed, not redone
 
 
-def test_plot_draws_the_study(data_size_study, capsys):
+def test_a_rerun_with_other_settings_is_refused(
+    data_size_study, tiny_model_dir, tiny_data, tiny_bos_model_dir, tmp_path
+):
+    """A study never mixes runs made with another model, other data or another evaluation."""
+    folder, _ = data_size_study
+    before = (folder / "study.json").read_text()
+    other_data = tmp_path / "other.txt"
+    other_data.write_text(open(tiny_data).read()[::-1])
+    for training, evaluation, message in [
+        (
+            dict(TRAINING, model=tiny_bos_model_dir, data=tiny_data),
+            EVALUATION,
+            "other training settings (model)",
+        ),
+        (
+            dict(TRAINING, model=tiny_model_dir, data=str(other_data)),
+            EVALUATION,
+            "other training settings (data)",
+        ),
+        (
+            dict(TRAINING, model=tiny_model_dir, data=tiny_data),
+            dict(EVALUATION, new_tokens=50),
+            "other evaluation",
+        ),
+    ]:
+        with pytest.raises(hyperfit.UsageError, match=message):
+            studies.run_study(
+                "data-size", folder.parent, training, evaluation, sizes=[8, 16], progress=False
+            )
+    assert (folder / "study.json").read_text() == before
+    (folder / "study.json").unlink()  # without study.json: each run's own config.json decides
+    with pytest.raises(hyperfit.UsageError, match=r"n8 was trained with other settings \(model"):
+        studies.run_study(
+            "data-size",
+            folder.parent,
+            dict(TRAINING, model=tiny_bos_model_dir, data=tiny_data),
+            EVALUATION,
+            sizes=[8, 16],
+            progress=False,
+        )
+    (folder / "study.json").write_text(before)
+
+
+def test_plot_draws_the_study(data_size_study):
     folder, _ = data_size_study
     assert plot.main([str(folder)]) == 0
     assert (folder / "study.png").exists() and "[n16](n16/report.md)" in (
@@ -116,15 +150,10 @@ def test_plot_draws_the_study(data_size_study, capsys):
 
 
 def test_the_shuffle_study_compares_top1_predictions(tiny_model_dir, tiny_data, tmp_path):
-    study = evaluate.run_study(
-        "shuffle",
-        out_dir=tmp_path / "shuffle",
-        model=tiny_model_dir,
-        data=tiny_data,
-        order_seeds=[0, 1],
-        training=dict(TRAINING, num_train=16),
-        evaluation=dict(EVALUATION, modes=("hyperfitted_greedy",)),
-        progress=False,
+    training = dict(TRAINING, model=tiny_model_dir, data=tiny_data, num_train=16)
+    evaluation = dict(EVALUATION, modes="hyperfitted_greedy")
+    study = studies.run_study(
+        "shuffle", tmp_path, training, evaluation, order_seeds=[0, 1], progress=False
     )
     configs = [
         json.loads((tmp_path / "shuffle" / r["run"] / "config.json").read_text())
@@ -137,6 +166,104 @@ def test_the_shuffle_study_compares_top1_predictions(tiny_model_dir, tiny_data, 
     assert set(study["comparison"]["top1_agreement_with_original"]) == {"order0", "order1"}
 
 
-def test_an_unknown_study_is_one_line(capsys):
-    assert evaluate.main(["--study", "data-size", "--sizes", "8,x"]) == 2
-    assert "--sizes 8,x: give comma-separated integers" in capsys.readouterr().err
+def test_the_quality_study_chooses_a_preset(tiny_model_dir, tiny_data, tmp_path):
+    """One run per (lr, size, epochs) on top of the preset; the choice follows quality_choice's
+    rule, checked here against the rows it was made from; plot.py draws it."""
+    training = dict(TRAINING, model=tiny_model_dir, data=tiny_data, num_train=16)
+    evaluation = dict(EVALUATION, num_prompts=6)
+    study = studies.run_study(
+        "quality", tmp_path, training, evaluation, lrs=[1e-2], epochs=[1, 2], progress=False
+    )
+    assert [r["run"] for r in study["rows"]] == ["lr0.01-n16-e1", "lr0.01-n16-e2"]
+    assert [r["epochs"] for r in study["rows"]] == [1, 2]
+    choice, rows = study["choice"], study["rows"]
+    assert choice == studies.quality_choice(rows) and choice["run"] in {r["run"] for r in rows}
+    chosen = next(r for r in rows if r["run"] == choice["run"])
+    twice = [
+        r
+        for r in rows
+        if r["hyperfitted_greedy.ttr_first96"] >= 2 * r["original_greedy.ttr_first96"]
+    ]
+    if not twice:  # a random tiny model: nothing reaches twice the original's TTR
+        assert chosen["hyperfitted_greedy.ttr_first96"] == max(
+            r["hyperfitted_greedy.ttr_first96"] for r in rows
+        )
+    assert plot.main([str(tmp_path / "quality")]) == 0
+    assert f"Chosen: **{choice['run']}**" in (tmp_path / "quality" / "report.md").read_text()
+
+
+def test_quality_choice_on_hand_made_rows():
+    def row(name, ttr, unknown, epochs=10):
+        return {
+            "run": name,
+            "lr": 1e-3,
+            "epochs": epochs,
+            "hyperfitted_greedy.ttr_first96": ttr,
+            "original_greedy.ttr_first96": 0.2,
+            "hyperfitted_greedy.unknown_word_share": unknown,
+            "human.unknown_word_share": 0.004,
+        }
+
+    rows = [row("a", 0.6, 0.02), row("b", 0.5, 0.003), row("c", 0.45, 0.002), row("d", 0.3, 0.0)]
+    assert studies.quality_choice(rows)["run"] == "b" and studies.quality_choice(rows)["goal_met"]
+    rows = [row("a", 0.6, 0.02), row("b", 0.5, 0.01), row("d", 0.3, 0.0)]
+    choice = studies.quality_choice(rows)
+    assert (
+        choice["run"] == "b" and not choice["goal_met"] and "no run meets the goal" in choice["why"]
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["data-size", "--sizes", "8,x"], "--sizes: invalid comma-separated int"),
+        (["data-size", "--modes", "original_greedy"], "unrecognized arguments: --modes"),
+        (["quality", "--device", "cuda"], "--device cuda: no CUDA GPU is visible here"),
+        (["nonsense"], "invalid choice: 'nonsense'"),
+    ],
+)
+def test_bad_options_are_one_line(argv, message, capsys, tmp_path):
+    code = studies.main([*argv, "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_command_line_honours_every_option(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
+    """Each option reaches the runs: model, data, seq-len, num-val, seed (training) and
+    num-prompts, new-tokens, device (evaluation) are in every run's config and summary."""
+    monkeypatch.setattr(studies, "STUDY_TRAINING", dict(studies.STUDY_TRAINING, **TRAINING))
+    argv = [
+        "shuffle",
+        "--out-dir",
+        tmp_path,
+        "--model",
+        tiny_model_dir,
+        "--data",
+        tiny_data,
+        "--seq-len",
+        48,
+        "--num-val",
+        6,
+        "--seed",
+        3,
+        "--num-prompts",
+        5,
+        "--new-tokens",
+        20,
+        "--device",
+        "cpu",
+        "--order-seeds",
+        "0,1",
+    ]
+    monkeypatch.setattr(
+        studies, "STUDY_EVALUATION", dict(studies.STUDY_EVALUATION, sharpness_seqs=2)
+    )
+    assert studies.main([str(a) for a in argv]) == 0
+    for run in ("order0", "order1"):
+        args = json.loads((tmp_path / "shuffle" / run / "config.json").read_text())["args"]
+        assert (args["seq_len"], args["num_val"], args["seed"]) == (48, 6, 3)
+        assert args["model"] == tiny_model_dir and args["data"] == hyperfit.portable_path(tiny_data)
+        summary = json.loads((tmp_path / "shuffle" / run / "eval" / "summary.json").read_text())
+        assert (summary["args"]["num_prompts"], summary["args"]["new_tokens"]) == (5, 20)
+        assert summary["args"]["device"] == "cpu"

@@ -1,0 +1,438 @@
+"""
+The paper's studies, one command each: every run inside a study is an ordinary run folder
+(hyperfit.py trains it, evaluate.py evaluates it, plot.py draws it), and study.json gathers the
+numbers that plot.py turns into the study's figure and report.
+
+    python studies.py data-size && python plot.py results/studies/data-size  # how much data
+    python studies.py shuffle && python plot.py results/studies/shuffle      # the data order
+    python studies.py quality && python plot.py results/studies/quality      # which CPU preset
+
+data-size   one run per training-set size (the paper: TTR holds down to 16 sequences, drops at 8)
+shuffle     the same training set in two (or more) data orders (the paper: ~30 % of top-1
+            predictions change)
+quality     learning rate x epochs at the CPU preset's size: diversity (TTR of greedy text)
+            against quality (the share of unknown words, beside the human text's), to choose the
+            CPU preset that keeps the text real
+
+Sized for 2 CPU cores at fp32 compute: the data-size and shuffle studies train on 64-token
+sequences (the preset's 128 would double the cost), validate only before and after training,
+and evaluate 32 held-out prompts x 96 new tokens (the paper's diversity-table length); epochs
+stay fixed whatever the size, as the paper fixes them. A rerun skips finished runs, resumes an
+interrupted one and redoes a missing evaluation; runs made with other settings are never mixed
+in: a rerun with another --model, --data or any other setting is refused (choose another
+--out-dir).
+"""
+
+import os
+import signal
+import sys
+
+if __name__ == "__main__" and "__file__" in globals():  # Ctrl-C while the imports below load
+    signal.signal(signal.SIGINT, lambda *_: os._exit(print("interrupted", file=sys.stderr) or 130))
+
+import dataclasses
+import json
+import shlex
+from pathlib import Path
+
+import torch
+
+try:
+    import evaluate
+    import hyperfit
+except ModuleNotFoundError:  # pasted into a notebook after the other scripts' cells
+    import types
+
+    evaluate = hyperfit = types.SimpleNamespace(**globals())
+UsageError = hyperfit.UsageError
+
+# What each study trains (on top of the model's preset) and how each of its runs is evaluated.
+STUDY_TRAINING = dict(seq_len=64, eval_every=10**6)  # validation at the start and the end only
+STUDY_EVALUATION = dict(
+    modes="original_greedy,hyperfitted_greedy,hyperfitted_blocked",
+    num_prompts=32,
+    new_tokens=96,
+    sharpness_seqs=16,
+)
+QUALITY_EVALUATION = dict(
+    modes="original_greedy,original_top_p,hyperfitted_greedy",
+    num_prompts=32,
+    new_tokens=128,
+    sharpness_seqs=16,
+)
+STUDIES = dict(
+    data_size=dict(sizes=(8, 16, 32, 64, 128)),  # training sequences (the paper: down to 8)
+    shuffle=dict(order_seeds=(0, 1)),  # data-order seeds of the same training set
+    # on top of the CPU preset (16 x 128 tokens, 10 epochs, lr 2e-3): runs of 20 optimizer steps
+    # at most, so the chosen preset keeps the README's main command as fast as today's
+    quality=dict(
+        runs=[
+            dict(lr=lr, num_train=n, epochs=e)
+            for lr, n, e in [
+                (5e-4, 16, 10),
+                (1e-3, 16, 10),
+                (2e-3, 16, 10),
+                (1e-3, 32, 5),
+                (2e-3, 32, 5),
+            ]
+        ]
+    ),
+)
+# the columns of a study's table: (mode, metric) of each run's evaluation
+ROW_METRICS = [
+    ("hyperfitted_greedy", "ttr_first96"),
+    ("hyperfitted_blocked", "ttr_first96"),
+    ("original_greedy", "ttr_first96"),
+    ("hyperfitted_greedy", "overlap_gt10_share_first96"),
+    ("hyperfitted_greedy", "dataset_bleu4_first96"),
+    ("hyperfitted_greedy", "self_bleu4_texygen_first96"),
+]
+
+
+def study_plan(study, sizes=None, order_seeds=None, lrs=None, epochs=None):
+    """[(run name, hyperfit settings)] of a study: one run per data size, per order seed, or per
+    (learning rate, epochs)."""
+    if study == "data_size":
+        return [(f"n{size}", dict(num_train=size)) for size in sizes or STUDIES[study]["sizes"]]
+    if study == "shuffle":
+        seeds = order_seeds or STUDIES[study]["order_seeds"]
+        return [(f"order{seed}", dict(order_seed=seed)) for seed in seeds]
+    if study == "quality":  # the given lists as a grid on top of the preset, else STUDIES' runs
+        preset = hyperfit.defaults_for(hyperfit.Settings.model)
+        grid = (
+            [
+                dict(lr=lr, num_train=n, epochs=e)
+                for lr in lrs or [None]
+                for n in sizes or [None]
+                for e in epochs or [None]
+            ]
+            if lrs or sizes or epochs
+            else STUDIES[study]["runs"]
+        )
+        runs = [{k: v for k, v in run.items() if v is not None} for run in grid]
+        full = [dataclasses.replace(preset, **run) for run in runs]
+        return [(f"lr{f.lr:g}-n{f.num_train}-e{f.epochs}", run) for f, run in zip(full, runs)]
+    raise UsageError(f"study {study!r}: choose {', '.join(s.replace('_', '-') for s in STUDIES)}")
+
+
+def run_study(study, out_dir=None, training=None, evaluation=None, progress=True, **plan):
+    """Run one of the studies (STUDIES) into `out_dir` (default results/studies/<study>/), one
+    ordinary run folder per planned run, and write study.json (the settings, one row per run, and
+    for the shuffle study the top-1 comparison). `training` and `evaluation` go on top of the
+    study's own settings (STUDY_TRAINING, and STUDY_EVALUATION or QUALITY_EVALUATION); `plan`:
+    sizes, order_seeds, lrs or epochs. A rerun skips finished runs and resumes interrupted ones;
+    one with other settings than the study's existing runs is refused. Returns the study dict."""
+    study = study.replace("-", "_")
+    runs = study_plan(study, **plan)
+    out_dir = Path(out_dir or hyperfit.absolute_path("results/studies")) / study.replace("_", "-")
+    base = STUDY_TRAINING if study != "quality" else dict(eval_every=10**6)
+    training = dict(base, **(training or {}))
+    evaluation = dict(
+        QUALITY_EVALUATION if study == "quality" else STUDY_EVALUATION, **(evaluation or {})
+    )
+    check_same_study(out_dir, study, training, evaluation, runs)
+    rows = []
+    for name, settings in runs:
+        if progress:
+            print(f"== study {study}: run {name}", flush=True)
+        rows.append(study_run(out_dir / name, dict(training, **settings), evaluation, progress))
+    command = ["python", "studies.py", study.replace("_", "-")] + study_flags(
+        training, evaluation, plan
+    )
+    result = dict(
+        study=study,
+        training=training,
+        evaluation=evaluation,
+        rows=rows,
+        command=shlex.join(command),
+    )
+    if study == "shuffle":
+        result["comparison"] = shuffle_comparison(
+            [out_dir / name for name, _ in runs], evaluation.get("device")
+        )
+    if study == "quality":
+        result["choice"] = quality_choice(rows)
+    hyperfit.write_atomic(out_dir / "study.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def check_same_study(out_dir, study, training, evaluation, runs):
+    """Refuse to mix runs made with other settings into this study: study.json's settings, and
+    each existing run folder's config.json, must be what this command would make."""
+    previous = out_dir / "study.json"
+    if previous.exists():
+        old = hyperfit.read_json(
+            previous, "the study's summary is damaged: remove it to rebuild it"
+        )
+        for what, new in (("training", training), ("evaluation", evaluation)):
+            if old.get(what) != new:
+                differs = sorted(
+                    k for k in {*old.get(what, {}), *new} if old.get(what, {}).get(k) != new.get(k)
+                )
+                raise UsageError(
+                    f"{out_dir} holds this study made with other {what} settings "
+                    f"({', '.join(differs)}); rerun it with the same, or choose another --out-dir"
+                )
+    for name, settings in runs:
+        config = out_dir / name / "config.json"
+        if config.exists():
+            made = hyperfit.read_json(
+                config, "a study run is damaged: remove its folder to redo it"
+            )["args"]
+            wanted = hyperfit.new_settings(
+                dict(training, **settings, run_name=name, out_dir=str(out_dir))
+            )
+            differs = [
+                k
+                for k, v in dataclasses.asdict(wanted).items()
+                if k not in ("out_dir", "data") and k in made and made[k] != v
+            ]
+            if differs or made.get("data") != wanted.data:
+                raise UsageError(
+                    f"{out_dir / name} was trained with other settings "
+                    f"({', '.join(differs or ['data'])}); rerun with the same, or choose "
+                    "another --out-dir"
+                )
+
+
+def study_run(run_dir, training, evaluation, progress):
+    """Train and evaluate one run of a study, or pick it up where it stopped: a finished run is
+    skipped, an interrupted one resumed, an evaluation redone if it is missing."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "adapter" / "adapter_config.json").exists():
+        resume = hyperfit.latest_checkpoint(run_dir) is not None
+        overwrite = not resume and hyperfit.is_run_folder(run_dir)
+        hyperfit.hyperfit(
+            run_name=run_dir.name,
+            out_dir=str(run_dir.parent),
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+            **training,
+        )
+    if not (run_dir / "eval" / "summary.json").exists():
+        evaluate.evaluate(run_dir, progress=progress, **evaluation)
+    return study_row(run_dir, evaluation.get("device"))
+
+
+def study_row(run_dir, device=None):
+    """One run's numbers for the study table: the end of training (and the final model's loss on
+    its training sequences) and its evaluation."""
+    config = hyperfit.read_json(run_dir / "config.json", "the study's run is damaged")
+    summary = hyperfit.read_json(run_dir / "eval" / "summary.json", "the run's evaluation")
+    last = hyperfit.read_jsonl(run_dir / "metrics.jsonl")[-1]
+    args = config["args"]
+    row = dict(
+        run=run_dir.name,
+        num_train=args["num_train"],
+        order_seed=args["order_seed"],
+        lr=args["lr"],
+        epochs=args["epochs"],
+        steps=last["step"],
+        train_loss=last["train_loss"],
+        final_train_loss=final_train_loss(run_dir, device),
+        val_loss=last["val_loss"],
+        val_entropy=last["val_entropy"],
+        val_top1_prob=last["val_top1_prob"],
+        wall_s=round(last["elapsed_s"] + summary["timing_s"]["total_s"], 1),
+    )
+    for mode, key in ROW_METRICS + quality_metrics():
+        info = summary["modes"].get(mode) or {}
+        row[f"{mode}.{key}"] = (info.get("metrics", {}).get(key) or {}).get("mean")
+    return row
+
+
+def quality_metrics():
+    """The (mode, metric) pairs the quality study compares: diversity and quality of greedy text,
+    the original's and the human text's beside it."""
+    modes = ("hyperfitted_greedy", "original_greedy", "original_top_p", evaluate.HUMAN)
+    keys = ("ttr_first96", "unknown_word_share", "mauve", "ppl_original")
+    return [(mode, key) for mode in modes for key in keys]
+
+
+def quality_choice(rows):
+    """The CPU preset the quality study picks: among the runs whose greedy TTR (96 tokens) is at
+    least twice the original greedy's and whose unknown-word share is at most the human text's
+    (the goal), the most varied; if none meets it, the best trade-off: the fewest unknown words
+    among the runs at twice the original's TTR (else the most varied run)."""
+    ttr, unknown = "hyperfitted_greedy.ttr_first96", "hyperfitted_greedy.unknown_word_share"
+    varied = [r for r in rows if r[ttr] >= 2 * r["original_greedy.ttr_first96"]]
+    goal = [r for r in varied if r[unknown] <= r["human.unknown_word_share"]]
+    if goal:
+        best = max(goal, key=lambda r: (r[ttr], -r["epochs"]))
+        why = (
+            "meets the goal (TTR at least 2x the original greedy's, unknown words at most the "
+            "human text's); the most varied of those"
+        )
+    elif varied:
+        best = min(varied, key=lambda r: r[unknown])
+        why = "no run meets the goal; the fewest unknown words at 2x the original's TTR"
+    else:
+        best = max(rows, key=lambda r: r[ttr])
+        why = "no run reaches 2x the original's TTR; the most varied run"
+    return dict(run=best["run"], lr=best["lr"], epochs=best["epochs"], goal_met=bool(goal), why=why)
+
+
+def load_run(run_dir, device=None):
+    """A finished run's models (Nets) and its exact data split, for the studies' measurements."""
+    setup = evaluate.resolve_setup(run_dir, evaluate.Options())
+    tokenizer = hyperfit.load_tokenizer(setup["model"])
+    s = setup["split"]
+    splits = hyperfit.make_splits(
+        tokenizer,
+        hyperfit.load_texts(s["data"]),
+        s["seq_len"],
+        s["num_train"],
+        s["num_val"],
+        s["seed"],
+    )
+    return evaluate.load_nets(setup, hyperfit.pick_device(device), None), splits
+
+
+@torch.no_grad()
+def final_train_loss(run_dir, device=None):
+    """The hyperfitted model's mean next-token loss (nats) on its own training sequences, after
+    training: how near zero hyperfitting took it (metrics.jsonl's train_loss is the mean over the
+    steps since the previous validation)."""
+    nets, splits = load_run(run_dir, device)
+    with nets.use("hyperfitted") as net:
+        return hyperfit.token_statistics(net, splits["train"], evaluate.SCORE_BATCH_SIZE)["loss"]
+
+
+@torch.no_grad()
+def validation_top1(run_dir, device=None):
+    """The top-1 next token at every validation position of a run's hyperfitted model and of the
+    original model (LongTensors [N, T-1]), for the shuffle study."""
+    nets, splits = load_run(run_dir, device)
+    top1 = {}
+    for which in ("hyperfitted", "original"):
+        with nets.use(which) as net:
+            stats = hyperfit.token_statistics(
+                net, splits["val"], evaluate.SCORE_BATCH_SIZE, top1=True
+            )
+        top1[which] = stats["top1_ids"]
+    return top1["hyperfitted"], top1["original"]
+
+
+def shuffle_comparison(run_dirs, device=None):
+    """The shuffle study's numbers: for every pair of runs the share of validation positions
+    where their top-1 predictions differ (the paper: ~30 %), and each run's top-1 agreement with
+    the original model."""
+    tops = {Path(r).name: validation_top1(r, device) for r in run_dirs}
+    names = list(tops)
+    pairs = [
+        dict(runs=[a, b], top1_differs=(tops[a][0] != tops[b][0]).float().mean().item())
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+    ]
+    agreement = {n: (h == o).float().mean().item() for n, (h, o) in tops.items()}
+    return dict(pairs=pairs, top1_agreement_with_original=agreement)
+
+
+def study_flags(training, evaluation, plan):
+    """The command-line flags that reproduce a study's non-default settings."""
+    given = {
+        **{k: v for k, v in training.items() if k not in STUDY_TRAINING and k != "eval_every"},
+        **{k: v for k, v in evaluation.items() if k not in STUDY_EVALUATION},
+        **plan,
+    }
+    flags = []
+    for name, value in given.items():
+        if value is not None:
+            value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            flags += [f"--{name.replace('_', '-')}", value]
+    return flags
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def number_list(kind):
+    """An argparse type: comma-separated numbers of `kind` (int or float)."""
+
+    def parse(text):
+        try:
+            return [kind(x) for x in text.split(",")]
+        except ValueError:
+            raise ValueError(f"give comma-separated numbers, e.g. 8,16,32, not {text!r}") from None
+
+    parse.__name__ = f"comma-separated {kind.__name__}s"
+    return parse
+
+
+def build_parser():
+    p = hyperfit.Parser(
+        description="Run one of the paper's studies into results/studies/<study>/ "
+        "(python plot.py results/studies/<study> draws it)."
+    )
+    p.add_argument("study", choices=[s.replace("_", "-") for s in STUDIES])
+    p.add_argument("--out-dir", help="the folder that holds studies (default: results/studies)")
+    for name, kind, text in (
+        ("model", str, "the base model (default: smollm2-135m)"),
+        ("data", str, "the data (default: the preset's)"),
+        ("seq-len", int, "tokens per sequence (default: 64; quality: the preset's 128)"),
+        ("num-val", int, "validation sequences (default: the preset's)"),
+        ("seed", int, "the data split and LoRA initialisation (default: 0)"),
+    ):
+        p.add_argument(f"--{name}", type=kind, help=f"training: {text}")
+    for name, kind, text in (
+        ("num-prompts", int, "held-out prompts (default: 32)"),
+        ("new-tokens", int, "new tokens per prompt (default: 96; quality: 128)"),
+        ("device", str, "cpu or cuda (default: cuda if there is one)"),
+    ):
+        p.add_argument(f"--{name}", type=kind, help=f"evaluation: {text}")
+    p.add_argument(
+        "--sizes",
+        type=number_list(int),
+        help="data-size: training sequences (default: 8,16,32,64,128)",
+    )
+    p.add_argument(
+        "--order-seeds", type=number_list(int), help="shuffle: data-order seeds (default: 0,1)"
+    )
+    p.add_argument(
+        "--lrs",
+        type=number_list(float),
+        help="quality: learning rates (a grid with --sizes and --epochs)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=number_list(int),
+        help="quality: epochs (default: the five runs of STUDIES)",
+    )
+    return p
+
+
+def main(argv=None):
+    """The command line: returns the exit code (0 done, 2 bad input, 1 numbers broke, 130
+    interrupted); errors are one line on stderr."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        args = vars(build_parser().parse_args(argv))
+        study, out_dir = args.pop("study"), args.pop("out_dir")
+        plan = {
+            k: args.pop(k) for k in ("sizes", "order_seeds", "lrs", "epochs") if args[k] is not None
+        }
+        if args["device"] is not None:
+            hyperfit.pick_device(args["device"])  # before any training: one line if it cannot be
+        evaluation = {
+            k: args.pop(k) for k in ("num_prompts", "new_tokens", "device") if args[k] is not None
+        }
+        training = {k: v for k, v in args.items() if v is not None}
+        result = run_study(study, out_dir, training, evaluation, **plan)
+    except tuple(hyperfit.EXIT_CODES) as e:
+        print(f"studies.py: {e}", file=sys.stderr)
+        return next(code for kind, code in hyperfit.EXIT_CODES.items() if isinstance(e, kind))
+    except KeyboardInterrupt:
+        print(
+            "studies.py: interrupted; a rerun of the same command picks up where it stopped",
+            file=sys.stderr,
+        )
+        return 130
+    folder = Path(out_dir or "results/studies") / result["study"].replace("_", "-")
+    print(f"done: {len(result['rows'])} runs (next: python plot.py {folder})")
+    return 0
+
+
+if __name__ == "__main__" and "__file__" in globals():  # not when pasted into a notebook cell
+    sys.exit(main())
