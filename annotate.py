@@ -40,10 +40,11 @@ import numpy as np
 
 try:
     import hyperfit
-except ModuleNotFoundError:  # pasted into a notebook after hyperfit.py's cell: use its names
+    import plot
+except ModuleNotFoundError:  # pasted into a notebook after the other scripts' cells
     import types
 
-    hyperfit = types.SimpleNamespace(**globals())
+    hyperfit = plot = types.SimpleNamespace(**globals())
 
 STUDY_DIR = "human_study"  # inside a run folder
 ANNOTATE_MODES = ("original_greedy", "original_top_p", "hyperfitted_greedy", "hyperfitted_blocked")
@@ -63,6 +64,7 @@ CHOICES = ("left", "equal", "right")
 # a judgment from the model's point of view; the order is the ordinal scale of Krippendorff's alpha
 HUMAN_BETTER, EQUAL, MODEL_BETTER = 0, 1, 2
 N_BOOT, CI_LEVEL = 10_000, 95
+PREFERENCE_FIGSIZE = (7.5, 4.8)
 
 
 def ordered_modes(modes):
@@ -95,10 +97,15 @@ def annotation_pairs(records, tokenizer, tokens=ANNOTATE_TOKENS, modes=ANNOTATE_
     for record in (r for r in records if r["mode"] in modes and human.get(r["prompt_id"])):
         theirs = human[record["prompt_id"]]
         length = min(tokens, len(theirs), len(record["token_ids"]))
-        pairs.append(dict(prompt_id=record["prompt_id"], mode=record["mode"],
-                          prompt=record["prompt_text"],
-                          model_text=tokenizer.decode(record["token_ids"][:length]),
-                          human_text=tokenizer.decode(theirs[:length])))  # fmt: skip
+        pairs.append(
+            dict(
+                prompt_id=record["prompt_id"],
+                mode=record["mode"],
+                prompt=record["prompt_text"],
+                model_text=tokenizer.decode(record["token_ids"][:length]),
+                human_text=tokenizer.decode(theirs[:length]),
+            )
+        )
     return pairs
 
 
@@ -670,17 +677,217 @@ def score_preference(key, judgment_sets, n_boot=N_BOOT, seed=0):
 
 
 def write_scores(run_dir, judgment_paths, n_boot=N_BOOT):
-    """Score the judgments files (or folders of them) of a run's page and write
-    <run>/human_study/preference.json (plot.py renders preference.md and .png from it). Every
-    file is read and checked before anything is written. Returns the scores."""
+    """Score the judgments files (or folders of them) of a run's page and write, in
+    <run>/human_study/, preference.json (the scores), preference.md and preference.png. Every file
+    is read and checked, and the page and figure rendered, before anything is written. Returns
+    the scores."""
     study = Path(run_dir) / STUDY_DIR
     key = _read_key(study / "annotate_key.json")
     judgment_sets = read_judgments(key, _judgment_files(judgment_paths))
     scores = score_preference(key, judgment_sets, n_boot=n_boot)
     scores["evaluation"] = key.get("evaluation")
+    files = {
+        "preference.json": (json.dumps(scores, indent=2) + "\n").encode("utf-8"),
+        "preference.md": preference_table(scores, plot.read_paper()).encode("utf-8"),
+        "preference.png": plot._png(plot_preference(scores)),
+    }
     with hyperfit.RunLock(run_dir, "annotate.py " + " ".join(sys.argv[1:])):
-        hyperfit.write_atomic(study / "preference.json", json.dumps(scores, indent=2) + "\n")
+        for name, data in files.items():
+            plot._write_atomic(study / name, data)
     return scores
+
+
+# -----------------------------------------------------------------------------
+# the scores as a page and a figure: preference.md and preference.png
+
+
+def _fmt_ci(ci, signed=False):
+    sign = "+" if signed else ""
+    return f"{ci[0]:{sign}.1f} to {ci[1]:{sign}.1f}"
+
+
+def _paper_lines(paper):
+    """The paper's human-preference numbers as a markdown table, with how to read them."""
+    intro = (
+        f"Carlsson et al. (ICLR 2025), human preference: {paper['human_preference']['definition']}."
+    )
+    how_to_read = (
+        "These come from larger models, longer texts and other annotators: compare the ordering "
+        "of the modes and the size of the gaps between them with yours (hyperfitted above greedy "
+        "and top-p), not the absolute percentages."
+    )
+    header = "| model (paper) | " + " | ".join(plot._mode_label(m) for m in ANNOTATE_MODES) + " |"
+    lines = [
+        "## The paper's numbers",
+        "",
+        intro,
+        "",
+        header,
+        "|---" * (len(ANNOTATE_MODES) + 1) + "|",
+    ]
+    for numbers in paper["human_preference"]["models"]:
+        cells = [f"{numbers[m]:.1f}" if m in numbers else "–" for m in ANNOTATE_MODES]
+        lines.append(f"| {numbers['model']} | " + " | ".join(cells) + " |")
+    return lines + ["", how_to_read]
+
+
+def _agreement_line(agreement):
+    if agreement["alpha"] is None:
+        return f"Krippendorff's alpha: not computed ({agreement['reason']})."
+    return (
+        f"Krippendorff's alpha (ordinal: human better < equal < model better): "
+        f"{agreement['alpha']:.3f}, over {agreement['items']} items judged by two or more of "
+        f"{agreement['annotators']} annotators (1 = perfect agreement, 0 = chance level)."
+    )
+
+
+def _mode_rows(scores):
+    rows = [
+        (
+            f"| mode | score (% model ≥ human) | {CI_LEVEL} % CI | model better | equal | "
+            "human better | judgments | prompts |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, m in scores["modes"].items():
+        rows.append(
+            f"| {plot._mode_label(mode)} | **{m['score']:.1f}** | {_fmt_ci(m['ci'])} | "
+            f"{m['model_better']:.1f} | {m['equal']:.1f} | {m['human_better']:.1f} | {m['n']} | "
+            f"{m['prompts']} |"
+        )
+    for mode in scores.get("unjudged_modes", []):
+        rows.append(f"| {plot._mode_label(mode)} | no judgments yet | | | | | 0 | 0 |")
+    return rows
+
+
+def _difference_rows(scores):
+    if not scores["differences"]:
+        return ["Only one mode was judged: no differences between modes."]
+    rows = [
+        f"| A − B | difference (points) | {CI_LEVEL} % CI (paired) |",
+        "|---|---|---|",
+    ]
+    for d in scores["differences"]:
+        rows.append(
+            f"| {plot._mode_label(d['a'])} − {plot._mode_label(d['b'])} | {d['difference']:+.1f} | "
+            f"{_fmt_ci(d['ci'], signed=True)} |"
+        )
+    rows += ["", "A CI that excludes 0 means the two modes differ beyond resampling noise."]
+    return rows
+
+
+def _annotator_lines(scores):
+    lines = []
+    for a in scores["annotators"]:
+        name = markdown_text(a["annotator"])
+        line = f"- annotator {name}: {a['judged']} of {a['num_items']} items judged"
+        if a.get("replaces"):
+            earlier = markdown_text(", ".join(a["replaces"]))
+            line += f" (an earlier file, {earlier}, was replaced by this one)"
+        lines.append(line)
+    return lines
+
+
+def markdown_text(value):
+    """Text from a file (an annotator's name, a path) as plain Markdown text: HTML escaped, the
+    characters Markdown acts on backslash-escaped, on one line."""
+    text = html.escape(" ".join(str(value).split()))
+    return "".join(f"\\{c}" if c in "\\`*_[]|#<>!" else c for c in text)
+
+
+def preference_table(scores, paper):
+    """preference.md: the paper's score per mode (with CI and outcome shares), the differences
+    between modes, Krippendorff's alpha, each annotator's completeness and the paper's numbers.
+    `scores`: annotate.py's preference.json."""
+    counts = scores["counts"]
+    overview = (
+        f"{counts['annotators']} annotator(s), {counts['judgments']} judgments of "
+        f"{counts['items_judged']} of {counts['num_items']} items ({counts['prompts']} prompts) "
+        f"on annotation page {scores['page_id']}. Each item put a model continuation beside the "
+        "real human continuation of the same context, blind and in random order."
+    )
+    definition = (
+        "Score = % of judgments in which the model's continuation was judged better than or "
+        "equal to the human one (the paper's definition). CI: percentile bootstrap over "
+        f"prompts ({scores['n_boot']} resamples; all judgments of a prompt stay together)."
+    )
+    lines = [
+        "# Human preference: model vs. human continuation",
+        "",
+        overview,
+        "",
+        definition,
+        "",
+        *_mode_rows(scores),
+        "",
+        "## Differences between modes",
+        "",
+        *_difference_rows(scores),
+        "",
+        "## Agreement between annotators",
+        "",
+        _agreement_line(scores["agreement"]),
+        "",
+        "## Annotators",
+        "",
+        *_annotator_lines(scores),
+        "",
+        *_paper_lines(paper),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_preference(scores):
+    """Bar chart of the paper's score per judged mode, with the 95 % bootstrap CI as error bars
+    (y axis 0-100 %). Returns the matplotlib Figure."""
+    modes = list(scores["modes"])
+    values = np.array([scores["modes"][m]["score"] for m in modes])
+    cis = np.array([scores["modes"][m]["ci"] for m in modes]).reshape(-1, 2)
+    fig = plot.Figure(figsize=PREFERENCE_FIGSIZE)
+    ax = fig.add_subplot()
+    positions = np.arange(len(modes))
+    ax.bar(
+        positions,
+        values,
+        yerr=np.vstack([values - cis[:, 0], cis[:, 1] - values]),
+        capsize=6,
+        error_kw={"clip_on": False},  # a CI reaching 100 % keeps its cap visible
+        color=[plot.mode_color(m) for m in modes],
+        label="score (bars)",
+    )
+    for x, value in zip(positions, values):  # beside the error bar, so the two never overlap
+        ax.text(
+            x + 0.04,
+            value + 1,
+            f"{value:.1f} %",
+            ha="left",
+            va="bottom",
+            fontsize=9,
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
+        )
+    ax.set_xticks(
+        positions,
+        [f"{plot._mode_label(m)}\nn = {scores['modes'][m]['n']}" for m in modes],
+        fontsize=9,
+    )
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("model judged ≥ human (%)")
+    ax.set_title("Human preference: model vs. human continuation")
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    fig.text(
+        0.01,
+        0.01,
+        f"% of judgments where the model text was judged better than or equal to the human text; "
+        f"error bars: {CI_LEVEL} % percentile bootstrap CI over prompts. "
+        f"{scores['counts']['annotators']} annotator(s), "
+        f"{scores['counts']['judgments']} judgments.",
+        fontsize=7,
+        color="#555555",
+        wrap=True,
+    )
+    fig.subplots_adjust(bottom=0.2, top=0.9, left=0.1, right=0.98)
+    return fig
 
 
 # -----------------------------------------------------------------------------
@@ -712,7 +919,7 @@ def main(argv=None):
         if args.judgments:
             scores = write_scores(args.run_dir, args.judgments)
             judged = {m: f"{s['score']:.1f} %" for m, s in scores["modes"].items()}
-            print(f"scores: {judged} (next: python plot.py {args.run_dir})")
+            print(f"scores: {judged}; {Path(args.run_dir) / STUDY_DIR / 'preference.md'}")
         else:
             print(write_page(args.run_dir, args.tokens, args.seed, args.overwrite))
     except hyperfit.UsageError as e:

@@ -76,12 +76,10 @@ COMPARISON_FIGSIZE = (12.0, 4.5)
 TTR_POSITION_FIGSIZE = (8.0, 4.5)
 QUALITY_FIGSIZE = (11.0, 5.0)
 REPETITION_NGRAM = 3
-CI_LEVEL = 95
-PREFERENCE_FIGSIZE = (7.5, 4.8)
-PAPER_MODES = ("original_greedy", "original_top_p", "hyperfitted_greedy", "hyperfitted_blocked")
 STUDY_FIGSIZE = (13.0, 7.5)
 STUDY_MARKER = "#555555"  # the paper's statements on the study figures
 PAPER_FILE = "data/paper.json"  # the paper's numbers, with their sources
+TABLES_FILE = "data/tables.json"  # which measures each table shows: [measure, header, digits]
 
 
 class PlotInputError(ValueError):
@@ -103,6 +101,11 @@ def kit_root():
 def read_paper():
     """The paper's numbers (data/paper.json)."""
     return _read_json(kit_root() / PAPER_FILE, "restore data/paper.json from the kit")
+
+
+def read_tables():
+    """The tables' layout (data/tables.json)."""
+    return _read_json(kit_root() / TABLES_FILE, "restore data/tables.json from the kit")
 
 
 def plain(text):
@@ -479,82 +482,6 @@ def repetition_html(generations_path, num_prompts=4, n=REPETITION_NGRAM):
 # table.md: the paper's tables, rows = decoding modes
 
 
-TABLE_SECTIONS = [
-    (
-        "Diversity and memorisation, the paper's table (96-token continuations: the first 96 new "
-        "tokens)",
-        [
-            ("ttr_first96", "TTR ↑", 3),
-            ("self_bleu4_texygen_first96", "Self-BLEU-4 ↓", 2),
-            ("dataset_bleu4_first96", "Dataset-BLEU-4", 2),
-            ("overlap_gt10_share_first96", "overlap > 10 tokens ↓", 3),
-        ],
-    ),
-    (
-        "Repetition over the whole continuation ({n} tokens)",
-        [
-            ("ttr_last96_of_224", "TTR 129-224 ↑", 3),
-            ("ttr_last96", "TTR last 96 ↑", 3),
-            ("ttr", "TTR all ↑", 3),
-            ("simctg_rep_2", "rep-2 % ↓", 2),
-            ("simctg_rep_3", "rep-3 % ↓", 2),
-            ("simctg_rep_4", "rep-4 % ↓", 2),
-            ("simctg_diversity", "diversity ↑", 3),
-            ("distinct_2", "distinct-2 ↑", 3),
-            ("self_bleu4_texygen", "Self-BLEU-4 ↓", 2),
-            ("loop_share", "ends in loop ↓", 3),
-        ],
-    ),
-    (
-        "Memorisation and fluency ({n} tokens)",
-        [
-            ("dataset_bleu4", "Dataset-BLEU-4", 2),
-            ("overlap_gt10_share", "overlap > 10 tokens", 3),
-            ("longest_train_overlap", "longest shared span", 1),
-            ("ppl_original", "PPL (original)", 2),
-        ],
-    ),
-    (
-        "The original model's view of each generated token (Beyond Temperature's rank analysis)",
-        [
-            ("original_top1_share", "original's top-1 ↑", 3),
-            ("override_beyond_top10_share", "overrides ranked > 10", 3),
-        ],
-    ),
-    (
-        "Quality: real words, the training data's scripts, near the human text ({n} tokens)",
-        [
-            ("unknown_word_share", "unknown words ↓ (%)", 100),
-            ("foreign_script_share", "letters outside the training scripts ↓ (%)", 100),
-            ("ppl_original", "PPL (original)", 2),
-            ("ppl_hyperfitted", "PPL (hyperfitted)", 2),
-            ("mauve", "MAUVE vs human ↑ [95 % CI]", 3),
-        ],
-    ),
-    (
-        "The kit's token-level variants (per continuation, on token ids; not the paper's numbers)",
-        [
-            ("token_rep_2", "token rep-2", 3),
-            ("token_rep_3", "token rep-3", 3),
-            ("token_rep_4", "token rep-4", 3),
-            ("token_diversity", "token diversity", 3),
-            ("distinct_1", "distinct-1", 3),
-            ("distinct_3", "distinct-3", 3),
-            ("self_bleu4_token_ids", "Self-BLEU-4 (ids)", 2),
-        ],
-    ),
-]
-
-
-SHARPNESS_COLUMNS = [
-    ("perplexity", "perplexity", 2),
-    ("entropy", "entropy (nats)", 3),
-    ("top1", "top-1 mass", 3),
-    ("top3", "top-3 mass", 3),
-    ("top5", "top-5 mass", 3),
-]
-
-
 def cell(value, digits):
     """A table cell: mean ± std (std None: a set-level number), [CI] where there is one. digits
     100: a share shown in % with two decimals."""
@@ -595,7 +522,8 @@ def format_table(summary):
             f"(CI: {mauve['bootstrap']} prompt resamples).",
             "",
         ]
-    for title, columns in TABLE_SECTIONS:
+    for section in read_tables()["evaluation"]:
+        title, columns = section["title"], section["columns"]
         lines += [
             f"## {title.format(n=args['new_tokens'])}",
             "",
@@ -611,16 +539,16 @@ def format_table(summary):
 
 
 def sharpness_lines(summary):
-    sharpness, args = summary["sharpness"], summary["args"]
+    sharpness, args, columns = summary["sharpness"], summary["args"], read_tables()["sharpness"]
     lines = [
         f"## Sharpness on {args['sharpness_seqs']} validation sequences",
         "",
-        "| model | " + " | ".join(c[1] for c in SHARPNESS_COLUMNS) + " |",
-        "|---|" + "---|" * len(SHARPNESS_COLUMNS),
+        "| model | " + " | ".join(c[1] for c in columns) + " |",
+        "|---|" + "---|" * len(columns),
     ]
     for name in ("original", "hyperfitted"):
         if name in sharpness:
-            cells = [f"{sharpness[name][k]:.{d}f}" for k, _, d in SHARPNESS_COLUMNS]
+            cells = [f"{sharpness[name][k]:.{d}f}" for k, _, d in columns]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     if "val_top1_agreement" in sharpness:
@@ -1129,40 +1057,10 @@ def _read_study(study_dir):
     return study
 
 
-STUDY_COLUMNS = [
-    ("num_train", "sequences", "{}"),
-    ("order_seed", "order seed", "{}"),
-    ("steps", "steps", "{}"),
-    ("final_train_loss", "final train loss", "{:.3f}"),
-    ("val_loss", "val loss", "{:.3f}"),
-    ("val_entropy", "entropy", "{:.2f}"),
-    ("val_top1_prob", "top-1 prob", "{:.3f}"),
-    ("hyperfitted_greedy.ttr_first96", "TTR greedy", "{:.3f}"),
-    ("hyperfitted_blocked.ttr_first96", "TTR blocked", "{:.3f}"),
-    ("hyperfitted_greedy.overlap_gt10_share_first96", "overlap > 10", "{:.3f}"),
-    ("hyperfitted_greedy.dataset_bleu4_first96", "Dataset-BLEU", "{:.2f}"),
-    ("hyperfitted_greedy.self_bleu4_texygen_first96", "Self-BLEU", "{:.2f}"),
-    ("wall_s", "wall s", "{:.0f}"),
-]
-QUALITY_COLUMNS = [
-    ("lr", "lr", "{:g}"),
-    ("epochs", "epochs", "{}"),
-    ("final_train_loss", "final train loss", "{:.3f}"),
-    ("hyperfitted_greedy.ttr_first96", "TTR greedy (96)", "{:.3f}"),
-    ("original_greedy.ttr_first96", "TTR original greedy", "{:.3f}"),
-    ("hyperfitted_greedy.unknown_word_share", "unknown words", "{:.2%}"),
-    ("human.unknown_word_share", "human's unknown words", "{:.2%}"),
-    ("original_top_p.unknown_word_share", "top-p's unknown words", "{:.2%}"),
-    ("hyperfitted_greedy.mauve", "MAUVE greedy", "{:.3f}"),
-    ("original_top_p.mauve", "MAUVE top-p", "{:.3f}"),
-    ("wall_s", "wall s", "{:.0f}"),
-]
-
-
 def study_report(study, figure_name, paper):
     """The study's report.md: the command, the paper's statement, the table, the figure, the
     runs (and the shuffle study's comparison, the quality study's choice)."""
-    columns = QUALITY_COLUMNS if study["study"] == "quality" else STUDY_COLUMNS
+    columns = read_tables()["quality_study" if study["study"] == "quality" else "study"]
     lines = [
         f"# Study: {study['study'].replace('_', ' ')}",
         "",
@@ -1220,190 +1118,6 @@ def write_study(study_dir, svg=False):
     written += _save(figure, study_dir / "study.png", svg)
     _write_atomic(study_dir / "report.md", report.encode("utf-8"))
     return written + [str(study_dir / "report.md")]
-
-
-# -----------------------------------------------------------------------------
-# the human study's scores (annotate.py --judgments): preference.md and .png
-
-
-def _fmt_ci(ci, signed=False):
-    sign = "+" if signed else ""
-    return f"{ci[0]:{sign}.1f} to {ci[1]:{sign}.1f}"
-
-
-def _paper_lines(paper):
-    """The paper's human-preference numbers as a markdown table, with how to read them."""
-    intro = (
-        f"Carlsson et al. (ICLR 2025), human preference: {paper['human_preference']['definition']}."
-    )
-    how_to_read = (
-        "These come from larger models, longer texts and other annotators: compare the ordering "
-        "of the modes and the size of the gaps between them with yours (hyperfitted above greedy "
-        "and top-p), not the absolute percentages."
-    )
-    header = "| model (paper) | " + " | ".join(_mode_label(m) for m in PAPER_MODES) + " |"
-    lines = ["## The paper's numbers", "", intro, "", header, "|---" * (len(PAPER_MODES) + 1) + "|"]
-    for numbers in paper["human_preference"]["models"]:
-        cells = [f"{numbers[m]:.1f}" if m in numbers else "–" for m in PAPER_MODES]
-        lines.append(f"| {numbers['model']} | " + " | ".join(cells) + " |")
-    return lines + ["", how_to_read]
-
-
-def _agreement_line(agreement):
-    if agreement["alpha"] is None:
-        return f"Krippendorff's alpha: not computed ({agreement['reason']})."
-    return (
-        f"Krippendorff's alpha (ordinal: human better < equal < model better): "
-        f"{agreement['alpha']:.3f}, over {agreement['items']} items judged by two or more of "
-        f"{agreement['annotators']} annotators (1 = perfect agreement, 0 = chance level)."
-    )
-
-
-def _mode_rows(scores):
-    rows = [
-        (
-            f"| mode | score (% model ≥ human) | {CI_LEVEL} % CI | model better | equal | "
-            "human better | judgments | prompts |"
-        ),
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for mode, m in scores["modes"].items():
-        rows.append(
-            f"| {_mode_label(mode)} | **{m['score']:.1f}** | {_fmt_ci(m['ci'])} | "
-            f"{m['model_better']:.1f} | {m['equal']:.1f} | {m['human_better']:.1f} | {m['n']} | "
-            f"{m['prompts']} |"
-        )
-    for mode in scores.get("unjudged_modes", []):
-        rows.append(f"| {_mode_label(mode)} | no judgments yet | | | | | 0 | 0 |")
-    return rows
-
-
-def _difference_rows(scores):
-    if not scores["differences"]:
-        return ["Only one mode was judged: no differences between modes."]
-    rows = [
-        f"| A − B | difference (points) | {CI_LEVEL} % CI (paired) |",
-        "|---|---|---|",
-    ]
-    for d in scores["differences"]:
-        rows.append(
-            f"| {_mode_label(d['a'])} − {_mode_label(d['b'])} | {d['difference']:+.1f} | "
-            f"{_fmt_ci(d['ci'], signed=True)} |"
-        )
-    rows += ["", "A CI that excludes 0 means the two modes differ beyond resampling noise."]
-    return rows
-
-
-def _annotator_lines(scores):
-    lines = []
-    for a in scores["annotators"]:
-        name = markdown_text(a["annotator"])
-        line = f"- annotator {name}: {a['judged']} of {a['num_items']} items judged"
-        if a.get("replaces"):
-            earlier = markdown_text(", ".join(a["replaces"]))
-            line += f" (an earlier file, {earlier}, was replaced by this one)"
-        lines.append(line)
-    return lines
-
-
-def markdown_text(value):
-    """Text from a file (an annotator's name, a path) as plain Markdown text: HTML escaped, the
-    characters Markdown acts on backslash-escaped, on one line."""
-    text = html.escape(" ".join(str(value).split()))
-    return "".join(f"\\{c}" if c in "\\`*_[]|#<>!" else c for c in text)
-
-
-def preference_table(scores, paper):
-    """preference.md: the paper's score per mode (with CI and outcome shares), the differences
-    between modes, Krippendorff's alpha, each annotator's completeness and the paper's numbers.
-    `scores`: annotate.py's preference.json."""
-    counts = scores["counts"]
-    overview = (
-        f"{counts['annotators']} annotator(s), {counts['judgments']} judgments of "
-        f"{counts['items_judged']} of {counts['num_items']} items ({counts['prompts']} prompts) "
-        f"on annotation page {scores['page_id']}. Each item put a model continuation beside the "
-        "real human continuation of the same context, blind and in random order."
-    )
-    definition = (
-        "Score = % of judgments in which the model's continuation was judged better than or "
-        "equal to the human one (the paper's definition). CI: percentile bootstrap over "
-        f"prompts ({scores['n_boot']} resamples; all judgments of a prompt stay together)."
-    )
-    lines = [
-        "# Human preference: model vs. human continuation",
-        "",
-        overview,
-        "",
-        definition,
-        "",
-        *_mode_rows(scores),
-        "",
-        "## Differences between modes",
-        "",
-        *_difference_rows(scores),
-        "",
-        "## Agreement between annotators",
-        "",
-        _agreement_line(scores["agreement"]),
-        "",
-        "## Annotators",
-        "",
-        *_annotator_lines(scores),
-        "",
-        *_paper_lines(paper),
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def plot_preference(scores):
-    """Bar chart of the paper's score per judged mode, with the 95 % bootstrap CI as error bars
-    (y axis 0-100 %). Returns the matplotlib Figure."""
-    modes = list(scores["modes"])
-    values = np.array([scores["modes"][m]["score"] for m in modes])
-    cis = np.array([scores["modes"][m]["ci"] for m in modes]).reshape(-1, 2)
-    fig = Figure(figsize=PREFERENCE_FIGSIZE)
-    ax = fig.add_subplot()
-    positions = np.arange(len(modes))
-    ax.bar(
-        positions,
-        values,
-        yerr=np.vstack([values - cis[:, 0], cis[:, 1] - values]),
-        capsize=6,
-        error_kw={"clip_on": False},  # a CI reaching 100 % keeps its cap visible
-        color=[mode_color(m) for m in modes],
-        label="score (bars)",
-    )
-    for x, value in zip(positions, values):  # beside the error bar, so the two never overlap
-        ax.text(
-            x + 0.04,
-            value + 1,
-            f"{value:.1f} %",
-            ha="left",
-            va="bottom",
-            fontsize=9,
-            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
-        )
-    ax.set_xticks(
-        positions, [f"{_mode_label(m)}\nn = {scores['modes'][m]['n']}" for m in modes], fontsize=9
-    )
-    ax.set_ylim(0, 100)
-    ax.set_ylabel("model judged ≥ human (%)")
-    ax.set_title("Human preference: model vs. human continuation")
-    ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
-    fig.text(
-        0.01,
-        0.01,
-        f"% of judgments where the model text was judged better than or equal to the human text; "
-        f"error bars: {CI_LEVEL} % percentile bootstrap CI over prompts. "
-        f"{scores['counts']['annotators']} annotator(s), "
-        f"{scores['counts']['judgments']} judgments.",
-        fontsize=7,
-        color="#555555",
-        wrap=True,
-    )
-    fig.subplots_adjust(bottom=0.2, top=0.9, left=0.1, right=0.98)
-    return fig
 
 
 # -----------------------------------------------------------------------------
@@ -1516,7 +1230,7 @@ def plot_run(run_dir, svg=False, x="epoch"):
     and repetition page when eval/ has them; the human study's scores when human_study/ holds
     them for this evaluation; then report.md. Every input is read and every file rendered before
     the first file is written. Returns the written paths."""
-    run, eval_dir, study = Path(run_dir), Path(run_dir) / "eval", Path(run_dir) / "human_study"
+    run, eval_dir = Path(run_dir), Path(run_dir) / "eval"
     figures = {run / "training_curves.png": plot_training_curves(run, x=x)}
     pages, paper = {}, read_paper()
     if (eval_dir / "summary.json").exists():
@@ -1530,11 +1244,6 @@ def plot_run(run_dir, svg=False, x="epoch"):
         )
         pages[eval_dir / "repetition.html"] = repetition_html(eval_dir / "generations.jsonl")
     current = current_human_study(run)
-    if current and (study / "preference.json").exists():
-        scores = _read_json(study / "preference.json", "score the judgments again with annotate.py")
-        if scores.get("page_id") == current["page_id"]:
-            figures[study / "preference.png"] = plot_preference(scores)
-            pages[study / "preference.md"] = preference_table(scores, paper)
     rendered = {path: _png(fig) for path, fig in figures.items()}
     rendered |= (
         {path.with_suffix(".svg"): _png(fig, "svg") for path, fig in figures.items()} if svg else {}

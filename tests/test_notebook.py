@@ -62,7 +62,7 @@ def test_the_notebook_runs_top_to_bottom(tmp_path, tiny_model_dir):
     assert not (ROOT / "results" / "notebook").exists()  # nothing written into the kit's results
 
 
-ORDER = ["hyperfit.py", "measures.py", "evaluate.py", "annotate.py", "studies.py", "plot.py"]
+ORDER = ["hyperfit.py", "measures.py", "evaluate.py", "plot.py", "annotate.py", "studies.py"]
 
 
 @pytest.mark.parametrize("script", ORDER)

@@ -353,7 +353,7 @@ def test_half_finished_session_is_scored_on_what_was_judged(tmp_path):
     scores = preference.score_preference(known_key(), [judged])
     assert scores["modes"]["original_greedy"]["score"] == 100.0  # k00: model (left) better
     assert scores["modes"]["hyperfitted_greedy"]["score"] == 0.0  # k04: model is on the right
-    table = plot.preference_table(scores, plot.read_paper())
+    table = annotate.preference_table(scores, plot.read_paper())
     assert "annotator ana: 2 of 8 items judged" in table
 
 
@@ -373,10 +373,10 @@ def test_table_and_figure(tmp_path):
         [judgment_set("ana", KNOWN_CHOICES), judgment_set("bo", {"k00": "right", "k04": "left"})],
         n_boot=500,
     )
-    table = plot.preference_table(scores, plot.read_paper())
+    table = annotate.preference_table(scores, plot.read_paper())
     assert "| original greedy | **60.0** |" in table  # ana: 3 of 4 not worse, bo: 0 of 1
     assert "| hyperfitted greedy | **80.0** |" in table  # ana: 4 of 4, bo: 0 of 1 (k04 model right)
-    fig = plot.plot_preference(scores)
+    fig = annotate.plot_preference(scores)
     (ax,) = fig.axes
     assert ax.get_ylim() == (0.0, 100.0) and len(ax.patches) == 2
     for needle in (
@@ -396,7 +396,7 @@ def test_annotator_names_reach_markdown_as_text():
     scores = preference.score_preference(
         known_key(), [judgment_set(name, KNOWN_CHOICES)], n_boot=50
     )
-    table = plot.preference_table(scores, plot.read_paper())
+    table = annotate.preference_table(scores, plot.read_paper())
     assert "<script>" not in table and "<img" not in table and "\n# " not in table
     line = next(line for line in table.splitlines() if "alert(1)" in line)
     assert line.startswith("- annotator ") and "&lt;script&gt;" in line and "\\|" in line
@@ -431,6 +431,8 @@ def test_write_scores_checks_everything_before_writing(tmp_path):
         == 75.0
     )
     assert on_disk["page_id"] == PAGE_ID
+    assert "**75.0**" in (run / "human_study" / "preference.md").read_text(encoding="utf-8")
+    assert (run / "human_study" / "preference.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # -----------------------------------------------------------------------------
