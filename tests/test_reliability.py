@@ -328,7 +328,7 @@ with hyperfit.RunLock({str(folder)!r}, "hyperfit.py (killed)"):
         (lambda a, p: a + ["--dtype", "float8"], "--dtype float8: choose auto"),
         (
             lambda a, p: a + ["--prompt-len", "64"],
-            "--prompt-len .64. must be shorter than --seq-len",
+            "--prompt-len 64 must be below --seq-len 64",
         ),
         (lambda a, p: a + ["--lora-layers", "3"], "--lora-layers 3: the model has 2 layers"),
         (lambda a, p: a + ["--resume", "--overwrite"], "choose one"),
@@ -478,3 +478,247 @@ def test_a_sigterm_saves_and_exits_130(tiny_model_dir, tiny_data, tmp_path):
     assert process.returncode == 130, err[-2000:]
     assert "resume with: python hyperfit.py --run-name t" in err
     assert hyperfit.latest_checkpoint(tmp_path / "t") is not None
+
+
+# ---------------------------------------------------------------- 9. round three: no silent mix
+# (issue "Reliability, round three"): each case below first broke the kit
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_model_dir, tiny_data, tmp_path_factory):
+    """A finished tiny run (its checkpoint and adapter), copied by the tests that damage it."""
+    return tiny_run(tiny_model_dir, tiny_data, tmp_path_factory.mktemp("finished"), "r", epochs=1)
+
+
+def copy_run(run, tmp_path, name="r"):
+    copy = tmp_path / "results" / name
+    hyperfit.shutil.copytree(run, copy)
+    return copy
+
+
+def test_resume_on_changed_data_is_refused(finished_run, tiny_model_dir, tmp_path, capsys):
+    """The run's data file changed after its checkpoint: resuming would train on a mix."""
+    run = copy_run(finished_run, tmp_path)
+    changed = tmp_path / "changed.txt"
+    original = json.loads((run / "config.json").read_text())["args"]["data"]
+    changed.write_text(open(hyperfit.absolute_path(original)).read()[::-1])
+    config = json.loads((run / "config.json").read_text())
+    config["args"]["data"] = str(changed)  # the run's own data, now holding other text
+    (run / "config.json").write_text(json.dumps(config))
+    before = tree(run)
+    args = ["--run-name", "r", "--out-dir", run.parent, "--resume", "--epochs", "2"]
+    code, err = cli(args, capsys)
+    assert code == 2 and len(err) == 1 and "is not what" in err[0] and "train_fingerprint" in err[0]
+    assert tree(run) == before
+
+
+def test_resume_with_the_run_s_own_values_is_no_change(finished_run, tmp_path, capsys):
+    """--resume --seq-len <the run's own> is accepted; another value names the run's own one (no
+    message about the preset's --prompt-len, which the run does not use)."""
+    run = copy_run(finished_run, tmp_path)
+    code, err = cli(
+        ["--run-name", "r", "--out-dir", run.parent, "--resume", "--seq-len", "32"], capsys
+    )
+    assert code == 2 and len(err) == 1 and "keeps its own seq-len (64)" in err[0]
+    code, err = cli(
+        ["--run-name", "r", "--out-dir", run.parent, "--resume", "--seq-len", "64"], capsys
+    )
+    assert code == 0 and err == []
+
+
+def test_resume_on_a_run_in_progress_names_the_holder(base_args, tmp_path, capsys):
+    folder = tmp_path / "results" / "busy"
+    with hyperfit.RunLock(folder, "hyperfit.py --run-name busy"):  # training, no checkpoint yet
+        code, err = cli(base_args + ["--run-name", "busy", "--resume"], capsys)
+    assert code == 2 and len(err) == 1 and "in use by hyperfit.py --run-name busy" in err[0]
+
+
+def test_a_truncated_config_leads_to_overwrite_and_overwrite_works(
+    finished_run, tmp_path, capsys, base_args
+):
+    run = copy_run(finished_run, tmp_path)
+    (run / "config.json").write_text('{"run_name": "r", "args": {')
+    code, err = cli(["--run-name", "r", "--out-dir", run.parent, "--resume"], capsys)
+    assert code == 2 and len(err) == 1 and "start the run again with --overwrite" in err[0]
+    code, err = cli(base_args + ["--run-name", "r", "--overwrite"], capsys)  # the advice works
+    assert code == 0 and json.loads((run / "config.json").read_text())["run_name"] == "r"
+
+
+@pytest.mark.parametrize("tool", ["hyperfit.py", "plot.py"])
+def test_a_read_only_run_folder_is_one_line(finished_run, tmp_path, tool):
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders; the check runs as an ordinary user")
+    run = copy_run(finished_run, tmp_path)
+    for path in [run, *run.rglob("*")]:
+        if path.is_dir():
+            path.chmod(0o555)
+    argv = (
+        ["--run-name", "r", "--out-dir", run.parent, "--resume", "--epochs", "2"]
+        if tool == "hyperfit.py"
+        else [run]
+    )
+    done = subprocess.run(
+        [sys.executable, ROOT / tool, *map(str, argv)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_read_only_folder_is_one_line_for_every_tool(finished_run, tmp_path, monkeypatch, capsys):
+    """As root (CI) nothing is read-only, so the write itself fails: the same one line."""
+    import plot
+
+    run = copy_run(finished_run, tmp_path)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(run / ".lock"))
+
+    monkeypatch.setattr(hyperfit.Path, "write_text", refuse)
+    code, err = cli(
+        ["--run-name", "r", "--out-dir", run.parent, "--resume", "--epochs", "2"], capsys
+    )
+    assert code == 2 and len(err) == 1 and "cannot write to" in err[0]
+    monkeypatch.undo()
+    monkeypatch.setattr(plot.Path, "write_bytes", refuse)
+    assert plot.main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write" in err
+
+
+@pytest.mark.parametrize("weights", ["adapter_model.bin", "pytorch_model.bin"])
+def test_crafted_pickles_as_weights_are_one_line_and_run_nothing(
+    finished_run, tiny_model_dir, tmp_path, weights
+):
+    """A pickle that would create a file, planted as the adapter's or the model's weights: one
+    line, exit 2, and the file is never created (transformers and peft load .bin files with
+    torch.load(weights_only=True))."""
+    run = copy_run(finished_run, tmp_path)
+    marker = tmp_path / "pwned"
+    model = tmp_path / "model"
+    hyperfit.shutil.copytree(tiny_model_dir, model)
+    if weights == "adapter_model.bin":
+        (run / "adapter" / "adapter_model.safetensors").unlink()
+        target = run / "adapter" / weights
+    else:
+        (model / "model.safetensors").unlink()
+        target = model / weights
+        config = json.loads((run / "config.json").read_text())
+        config["args"]["model"] = str(model)
+        (run / "config.json").write_text(json.dumps(config))
+
+    class Planted:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    target.write_bytes(pickle.dumps(Planted()))
+    done = subprocess.run(
+        [sys.executable, ROOT / "evaluate.py", run, "--num-prompts", "2", "--new-tokens", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not marker.exists()
+
+
+def test_adapter_without_weights_or_of_another_model_is_one_line(
+    finished_run, tiny_bos_model_dir, tmp_path, capsys
+):
+    import evaluate
+
+    run = copy_run(finished_run, tmp_path)
+    (run / "adapter" / "adapter_model.safetensors").unlink()
+    assert evaluate.main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no adapter_model.safetensors" in err
+    run = copy_run(finished_run, tmp_path, "other")
+    config = json.loads((run / "config.json").read_text())
+    config["args"]["model"] = tiny_bos_model_dir  # edited to another base model
+    config["run_name"] = "other"
+    (run / "config.json").write_text(json.dumps(config))
+    assert evaluate.main([str(run), "--num-prompts", "2", "--new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("does not load onto" in err or "does not match" in err), err
+
+
+@pytest.mark.parametrize(
+    "tool", ["hyperfit.py", "evaluate.py", "plot.py", "annotate.py", "studies.py"]
+)
+def test_ctrl_c_while_the_imports_load_is_one_line_and_exit_130(tool, tmp_path):
+    """Ctrl-C in the first second, while torch and transformers load: no traceback."""
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / tool), "--help"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    if process.returncode == 0:  # the imports were already done (a fast machine): --help ran
+        assert "usage" in out
+        return
+    assert (
+        process.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) <= 1
+    ), err
+
+
+def test_a_full_disk_while_evaluating_keeps_the_earlier_evaluation_whole(
+    finished_run, tmp_path, monkeypatch, capsys
+):
+    import errno
+
+    import evaluate
+
+    run = copy_run(finished_run, tmp_path)
+    assert (
+        evaluate.main(
+            [str(run), "--num-prompts", "2", "--new-tokens", "4", "--modes", "original_greedy"]
+        )
+        == 0
+    )
+    before = {p.name: p.read_bytes() for p in (run / "eval").iterdir()}
+    real = hyperfit.Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name == "summary.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(hyperfit.Path, "write_text", full)
+    assert evaluate.main([str(run), "--num-prompts", "3", "--new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the earlier evaluation is intact" in err
+    assert {p.name: p.read_bytes() for p in (run / "eval").iterdir()} == before
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".eval")) == []  # no leftovers
+
+
+def test_a_new_evaluation_replaces_the_old_one_whole(finished_run, tmp_path):
+    import evaluate
+
+    run = copy_run(finished_run, tmp_path)
+    evaluate.evaluate(run, num_prompts=2, new_tokens=4, modes="original_greedy", progress=False)
+    (run / "eval" / "table.md").write_text("rendered from the earlier evaluation")
+    evaluate.evaluate(run, num_prompts=3, new_tokens=4, modes="original_greedy", progress=False)
+    assert sorted(p.name for p in (run / "eval").iterdir()) == ["generations.jsonl", "summary.json"]
+    assert json.loads((run / "eval" / "summary.json").read_text())["args"]["num_prompts"] == 3
+
+
+def test_out_dir_into_another_run_or_a_foreign_folder_is_refused(finished_run, tmp_path, capsys):
+    import evaluate
+
+    run, other = copy_run(finished_run, tmp_path), copy_run(finished_run, tmp_path, "other")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps(dict(config, run_name="other")))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "holiday.jpg").write_bytes(b"jpeg")
+    for out_dir, message in [
+        (other / "eval", "lies inside the run"),
+        (photos, "not an evaluation folder"),
+    ]:
+        before = tree(out_dir.parent)
+        assert evaluate.main([str(run), "--out-dir", str(out_dir), "--num-prompts", "2"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err
+        assert tree(out_dir.parent) == before
