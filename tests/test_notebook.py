@@ -62,7 +62,15 @@ def test_the_notebook_runs_top_to_bottom(tmp_path, tiny_model_dir):
     assert not (ROOT / "results" / "notebook").exists()  # nothing written into the kit's results
 
 
-ORDER = ["hyperfit.py", "measures.py", "evaluate.py", "plot.py", "annotate.py", "studies.py"]
+ORDER = [
+    "runfiles.py",
+    "hyperfit.py",
+    "measures.py",
+    "evaluate.py",
+    "plot.py",
+    "annotate.py",
+    "studies.py",
+]
 
 
 @pytest.mark.parametrize("script", ORDER)
@@ -73,6 +81,7 @@ def test_a_script_pasted_into_a_cell_only_defines_its_functions(tmp_path, script
     names = [script] if script == "plot.py" else ORDER[: ORDER.index(script) + 1]
     sources = [(ROOT / name).read_text() for name in names]
     checks = {
+        "runfiles.py": "print(check_run_name('a'), callable(write_atomic))",
         "hyperfit.py": "print(type_token_ratio([1, 2, 2, 3]), callable(hyperfit), callable(main))",
         "measures.py": "print(simctg_repetition(['a b a b a'])['simctg_rep_2'], "
         "unknown_words('a zxqv'))",
@@ -82,6 +91,7 @@ def test_a_script_pasted_into_a_cell_only_defines_its_functions(tmp_path, script
         "plot.py": "print(repeated_ngram_mask([1, 2, 3, 1, 2, 3], 3), callable(plot_run))",
     }
     expected = {
+        "runfiles.py": "a True",
         "hyperfit.py": "0.75 True True",
         "measures.py": "33.33 ['zxqv']",
         "evaluate.py": "hyperfitted_blocked True",
