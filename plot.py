@@ -5,17 +5,14 @@ imports no other file of the kit, and pasted into a notebook cell it only define
 
     python plot.py results/<run>                       # every figure and page of one run
     python plot.py results/a results/b --out cmp.png   # overlay the training curves of runs
-    python plot.py results/studies/data-size           # a study's figure + report.md
 
-Reads config.json, metrics.jsonl, eval/summary.json, eval/generations.jsonl, study.json,
-human_study/annotate_key.json and human_study/preference.json, and data/paper.json (the paper's
-numbers), and writes next to them:
+Reads config.json, metrics.jsonl, eval/summary.json, eval/generations.jsonl and
+human_study/annotate_key.json, and data/paper.json (the paper's numbers), and writes next to them:
     training_curves.png        loss / entropy / top-1 probability / TTR during training (Fig. 2)
     eval/table.md              the paper's tables, one row per decoding mode (and the human text)
     eval/paper_comparison.md   this run beside the paper's numbers, finding by finding
     eval/decoding_comparison.png, eval/ttr_by_position.png, eval/quality.png
     eval/repetition.html       continuations with repeated n-grams highlighted (paper Fig. 1)
-    human_study/preference.md/.png   the human study's scores (after annotate.py --judgments)
     report.md                  links all of the above
 Every input is read and every file rendered before the first one is written; bad input is one
 line and exit 2. Every figure function returns a matplotlib Figure:
@@ -38,7 +35,6 @@ import warnings
 from pathlib import Path
 
 import matplotlib
-import numpy as np
 from matplotlib.figure import Figure  # Figure() directly, not pyplot: no GUI window, no leaks
 from matplotlib.patches import Patch
 
@@ -76,8 +72,6 @@ COMPARISON_FIGSIZE = (12.0, 4.5)
 TTR_POSITION_FIGSIZE = (8.0, 4.5)
 QUALITY_FIGSIZE = (11.0, 5.0)
 REPETITION_NGRAM = 3
-STUDY_FIGSIZE = (13.0, 7.5)
-STUDY_MARKER = "#555555"  # the paper's statements on the study figures
 PAPER_FILE = "data/paper.json"  # the paper's numbers, with their sources
 TABLES_FILE = "data/tables.json"  # which measures each table shows: [measure, header, digits]
 
@@ -864,263 +858,6 @@ def paper_comparison(summary, records, paper):
 
 
 # -----------------------------------------------------------------------------
-# studies (studies.py): metrics against data size, what the data order changes
-
-
-def _study_series(rows, key):
-    xs = [r["num_train"] for r in rows if r.get(key) is not None]
-    return xs, [r[key] for r in rows if r.get(key) is not None]
-
-
-def _data_size_axes(fig):
-    axes = fig.subplots(2, 3).ravel()
-    for ax in axes:
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("training sequences")
-        ax.grid(alpha=0.3)
-    return axes
-
-
-def plot_data_size_study(study, paper):
-    """The data-size study: per number of training sequences (log x) the TTR of 96-token greedy
-    continuations (with and without citation blocking, the original model as reference), the
-    final losses, memorisation (overlap, Dataset-BLEU), Self-BLEU and sharpness; the paper's
-    statements marked in grey."""
-    rows = sorted(study["rows"], key=lambda r: r["num_train"])
-    fig = Figure(figsize=STUDY_FIGSIZE, layout="constrained")
-    ttr, loss, overlap, dataset, self_bleu, sharp = _data_size_axes(fig)
-    for key, color, label in [
-        ("hyperfitted_greedy.ttr_first96", MODE_COLORS["hyperfitted_greedy"], "hyperfitted greedy"),
-        (
-            "hyperfitted_blocked.ttr_first96",
-            MODE_COLORS["hyperfitted_blocked"],
-            "+ citation blocking",
-        ),
-        ("original_greedy.ttr_first96", MODE_COLORS["original_greedy"], "original greedy"),
-    ]:
-        ttr.plot(*_study_series(rows, key), "-o", color=color, label=label)
-    ttr.axvline(
-        paper["studies"]["data_size"]["ttr_drops_at"],
-        ls=":",
-        color=STUDY_MARKER,
-        label="paper: TTR drops at 8 (= batch)",
-    )
-    ttr.set(title="(a) TTR of 96-token continuations", ylabel="TTR", ylim=(0, 1.02))
-    loss.plot(
-        *_study_series(rows, "final_train_loss"), "-o", color="C0", label="train (the final model)"
-    )
-    loss.plot(*_study_series(rows, "val_loss"), "--o", color="C3", label="validation")
-    loss.set(title="(b) loss at the end of training", ylabel="nats / token", yscale="log")
-    overlap.plot(
-        *_study_series(rows, "hyperfitted_greedy.overlap_gt10_share_first96"),
-        "-o",
-        color="C1",
-        label="hyperfitted greedy",
-    )
-    at = (paper["overlap"]["training_sequences"], paper["overlap"]["below"])
-    overlap.plot(*at, "v", color=STUDY_MARKER, ms=9, label="paper at 2,000: < 2 %")
-    overlap.set(
-        title="(c) overlap > 10 tokens with training",
-        ylabel="share",
-        ylim=(-0.02, 1.02),
-    )
-    dataset.plot(*_study_series(rows, "hyperfitted_greedy.dataset_bleu4_first96"), "-o", color="C1")
-    dataset.set(title="(d) Dataset-BLEU-4 (copying)", ylabel="BLEU-4 vs training sequences")
-    self_bleu.plot(
-        *_study_series(rows, "hyperfitted_greedy.self_bleu4_texygen_first96"), "-o", color="C4"
-    )
-    self_bleu.set(title="(e) Self-BLEU-4 (Texygen) ↓", ylabel="BLEU-4 between continuations")
-    sharp.plot(*_study_series(rows, "val_entropy"), "-o", color="C2", label="entropy (nats)")
-    sharp.plot(*_study_series(rows, "val_top1_prob"), "--o", color="C5", label="top-1 probability")
-    sharp.set(title="(f) sharpness on validation text", ylabel="nats / probability")
-    for ax in (ttr, loss, overlap, sharp):
-        ax.legend(fontsize=8)
-    fig.suptitle("How much data hyperfitting needs (" + _study_subtitle(study) + ")")
-    return fig
-
-
-def plot_shuffle_study(study, paper):
-    """The shuffle study: the share of validation positions whose top-1 prediction differs
-    between runs trained on the same data in another order (the paper: ~30 %), and each run's TTR
-    and top-1 agreement with the original model."""
-    comparison = study.get("comparison", {})
-    fig = Figure(figsize=(11.0, 4.5), layout="constrained")
-    differ, runs = fig.subplots(1, 2)
-    pairs = comparison.get("pairs", [])
-    differ.bar(
-        [" vs ".join(p["runs"]) for p in pairs], [p["top1_differs"] for p in pairs], color="C0"
-    )
-    changed = paper["studies"]["shuffle"]["top1_changed"]
-    differ.axhline(changed, ls="--", color=STUDY_MARKER, label="paper: ~30 %")
-    differ.set(
-        title="(a) top-1 predictions that differ between orders",
-        ylabel="share of validation positions",
-        ylim=(0, 1),
-    )
-    differ.legend(fontsize=8)
-    names = [r["run"] for r in study["rows"]]
-    agreement = comparison.get("top1_agreement_with_original", {})
-    x = np.arange(len(names))
-    runs.bar(
-        x - 0.2,
-        [r.get("hyperfitted_greedy.ttr_first96") or 0 for r in study["rows"]],
-        0.4,
-        label="TTR, 96-token greedy continuations",
-        color=MODE_COLORS["hyperfitted_greedy"],
-    )
-    runs.bar(
-        x + 0.2,
-        [agreement.get(n, 0) for n in names],
-        0.4,
-        label="top-1 agreement with the original",
-        color="C7",
-    )
-    runs.set_xticks(x, [plain(name) for name in names])
-    runs.set(title="(b) each data order", ylim=(0, 1.02))
-    runs.legend(fontsize=8)
-    fig.suptitle("What the data order changes (" + _study_subtitle(study) + ")")
-    return fig
-
-
-def plot_quality_study(study, paper):
-    """The quality study: for every (learning rate, epochs) run, the TTR of its greedy text (96
-    tokens) against its share of unknown words, beside the original model's and the human
-    text's; the goal's corner shaded (TTR at least twice the original greedy's, unknown words at
-    most the human text's) and the chosen preset circled."""
-    fig = Figure(figsize=(8.5, 5.5), layout="constrained")
-    ax = fig.subplots()
-    rows, choice = study["rows"], study.get("choice", {})
-    ttr, unknown = "hyperfitted_greedy.ttr_first96", "hyperfitted_greedy.unknown_word_share"
-    for row in rows:
-        if row.get(ttr) is None or row.get(unknown) is None:
-            continue
-        color = f"C{sorted({r['lr'] for r in rows}).index(row['lr'])}"
-        marker = "o" if row["epochs"] == min(r["epochs"] for r in rows) else "s"
-        ax.scatter(
-            row[ttr],
-            100 * row[unknown],
-            color=color,
-            marker=marker,
-            s=60,
-            label=f"lr {row['lr']:g}, {row['epochs']} epochs",
-        )
-        if row["run"] == choice.get("run"):
-            ax.scatter(
-                row[ttr],
-                100 * row[unknown],
-                s=400,
-                facecolors="none",
-                edgecolors="black",
-                label="chosen",
-            )
-    first = rows[0] if rows else {}
-    original, human = (
-        first.get("original_greedy.ttr_first96"),
-        first.get("human.unknown_word_share"),
-    )
-    if original is not None and human is not None:
-        ax.axvspan(2 * original, 1.0, ymax=1, color="#e8f4e8", zorder=0)
-        ax.axhline(
-            100 * human, ls=":", color=MODE_COLORS["human"], label="human text's unknown words"
-        )
-        ax.axvline(2 * original, ls="--", color=STUDY_MARKER, label="2× the original greedy TTR")
-    ax.set(
-        xlabel="TTR of hyperfitted greedy text, 96 tokens →",
-        ylabel="unknown words (% of words) ↓",
-        title="Which CPU preset keeps the text real? (goal: right of dashed, below dotted)",
-    )
-    ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle("Quality study (" + _study_subtitle(study) + ")")
-    return fig
-
-
-def _study_subtitle(study):
-    t = study.get("training", {})
-    return f"{t.get('model')}, {t.get('seq_len')}-token sequences, epochs as the preset"
-
-
-def plot_study(study_or_dir, paper=None):
-    """The figure of a study: accepts study.json's dict or the study folder."""
-    study = study_or_dir if isinstance(study_or_dir, dict) else _read_study(study_or_dir)
-    draw = dict(
-        data_size=plot_data_size_study, shuffle=plot_shuffle_study, quality=plot_quality_study
-    )
-    return draw[study["study"]](study, paper or read_paper())
-
-
-def _read_study(study_dir):
-    study = _read_json(Path(study_dir) / "study.json", "rerun python studies.py for it")
-    if study.get("study") not in ("data_size", "shuffle", "quality") or not isinstance(
-        study.get("rows"), list
-    ):
-        raise PlotInputError(f"{study_dir}/study.json is not a study of studies.py; rerun it")
-    return study
-
-
-def study_report(study, figure_name, paper):
-    """The study's report.md: the command, the paper's statement, the table, the figure, the
-    runs (and the shuffle study's comparison, the quality study's choice)."""
-    columns = read_tables()["quality_study" if study["study"] == "quality" else "study"]
-    lines = [
-        f"# Study: {study['study'].replace('_', ' ')}",
-        "",
-        f"Made by `{study['command']}`.",
-        "",
-        f"The paper: {paper['studies'][study['study']]['statement']}.",
-        "",
-        f"![study]({figure_name})",
-        "",
-        "| run | " + " | ".join(c[1] for c in columns) + " |",
-        "|---" * (len(columns) + 1) + "|",
-    ]
-    for row in study["rows"]:
-        cells = ["–" if row.get(k) is None else f.format(row[k]) for k, _, f in columns]
-        lines.append(f"| [{row['run']}]({row['run']}/report.md) | " + " | ".join(cells) + " |")
-    if comparison := study.get("comparison"):
-        lines += [
-            "",
-            "Top-1 predictions on validation text that differ between data orders (paper: ~30 %):",
-            "",
-        ]
-        lines += [
-            f"- {' vs '.join(p['runs'])}: {p['top1_differs']:.3f}" for p in comparison["pairs"]
-        ]
-        lines += [
-            f"- {name}: same top-1 as the original model at {share:.3f} of positions"
-            for name, share in comparison["top1_agreement_with_original"].items()
-        ]
-    if choice := study.get("choice"):
-        lines += ["", f"Chosen: **{choice['run']}** ({choice['why']})."]
-    t, e = study["training"], study["evaluation"]
-    lines += [
-        "",
-        f"Training: {json.dumps(t)}. Evaluation: {json.dumps(e)}. TTR, overlap, Dataset-BLEU and "
-        "Self-BLEU score the 96-token greedy continuations of the same prompts in every run (the "
-        "paper's diversity table); unknown words and MAUVE score the whole continuation; final "
-        "train loss = the trained model's loss on its own training sequences; val loss, entropy, "
-        "top-1 prob = the end of training on validation text; wall s = training + evaluation.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def write_study(study_dir, svg=False):
-    """Check study.json and its runs, then write each run's figures and report.md (which the
-    study's report links) and the study's figure and report.md. A run folder that is not there
-    (study.json copied alone) is left out: study.json holds the numbers the study needs."""
-    study_dir = Path(study_dir)
-    study = _read_study(study_dir)
-    runs = [study_dir / row["run"] for row in study["rows"] if (study_dir / row["run"]).exists()]
-    _check_runs(runs)
-    figure = plot_study(study)
-    report = study_report(study, "study.png", read_paper())
-    written = [path for run in runs for path in plot_run(run, svg=svg)]
-    written += _save(figure, study_dir / "study.png", svg)
-    _write_atomic(study_dir / "report.md", report.encode("utf-8"))
-    return written + [str(study_dir / "report.md")]
-
-
-# -----------------------------------------------------------------------------
 # report.md and the whole run
 
 
@@ -1275,7 +1012,7 @@ def _problem(run):
     if not run.is_dir():
         return f"{run} is not a folder — pass a run folder (results/<run>) written by hyperfit.py"
     if (run / "study.json").exists():
-        return None
+        return f"{run} is a study: python studies.py <study> draws it (and reruns nothing finished)"
     if not (run / "metrics.jsonl").exists():
         return f"{run} has no metrics.jsonl — run hyperfit.py first or pass a run folder"
     with warnings.catch_warnings():
@@ -1295,18 +1032,16 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Plot hyperfitting results.\n"
         "  one RUN:    training_curves.png; with an evaluation, eval/table.md,\n"
-        "              eval/paper_comparison.md, eval/*.png and eval/repetition.html;\n"
-        "              human_study/preference.md and .png when\n"
-        "              annotate.py scored the judgments; report.md, all inside the run folder\n"
+        "              eval/paper_comparison.md, eval/*.png and eval/repetition.html; report.md,\n"
+        "              linking the human study's page and scores (annotate.py) when current\n"
         "  several:    their training curves overlaid in one figure (--out)\n"
-        "  a STUDY:    (studies.py) study.png and report.md in the study folder",
+        "(a study's figure and report: studies.py draws them)",
         epilog="examples:\n  python plot.py results/tinyllama\n"
-        "  python plot.py results/a results/b --out results/a_vs_b.png --x step\n"
-        "  python plot.py results/studies/data-size",
+        "  python plot.py results/a results/b --out results/a_vs_b.png --x step",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.error = lambda message: parser.exit(2, f"plot.py: {message} (see --help)\n")
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s), or a study folder")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s)")
     parser.add_argument(
         "--out",
         default="results/compare_training_curves.png",
@@ -1350,8 +1085,6 @@ def _check_runs(runs):
 
 def _plot(args):
     _check_runs(args.runs)
-    if len(args.runs) == 1 and (Path(args.runs[0]) / "study.json").exists():
-        return write_study(args.runs[0], svg=args.svg)
     if len(args.runs) == 1:
         return plot_run(args.runs[0], svg=args.svg, x=args.x)
     return _save(plot_training_curves(args.runs, x=args.x), args.out, args.svg)

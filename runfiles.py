@@ -46,10 +46,11 @@ EXIT_CODES = {UsageError: 2, RunInterrupted: 130, NumericalError: 1}
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with bad input as one line and exit 2 (not the usage block)."""
+    """argparse whose bad input is a UsageError: one line and exit 2 from the script's main, not
+    the usage block."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+        raise UsageError(f"{message} (see --help)")
 
 
 # -----------------------------------------------------------------------------

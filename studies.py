@@ -1,11 +1,11 @@
 """
 The paper's studies, one command each: every run inside a study is an ordinary run folder
-(hyperfit.py trains it, evaluate.py evaluates it, plot.py draws it), and study.json gathers the
-numbers that plot.py turns into the study's figure and report.
+(hyperfit.py trains it, evaluate.py evaluates it, plot.py draws it), study.json gathers the
+numbers, and the study's figure (study.png) and report.md are drawn from study.json.
 
-    python studies.py data-size && python plot.py results/studies/data-size  # how much data
-    python studies.py shuffle && python plot.py results/studies/shuffle      # the data order
-    python studies.py quality && python plot.py results/studies/quality      # which CPU preset
+    python studies.py data-size   # how much data hyperfitting needs: results/studies/data-size/
+    python studies.py shuffle     # what the data order changes
+    python studies.py quality     # which CPU preset keeps the text real
 
 data-size   one run per training-set size (the paper: TTR holds down to 16 sequences, drops at 8)
 shuffle     the same training set in two (or more) data orders (the paper: ~30 % of top-1
@@ -35,15 +35,17 @@ import json
 import shlex
 from pathlib import Path
 
+import numpy
 import torch
 
 try:
     import evaluate
     import hyperfit
+    import plot
 except ModuleNotFoundError:  # pasted into a notebook after the other scripts' cells
     import types
 
-    evaluate = hyperfit = types.SimpleNamespace(**globals())
+    evaluate = hyperfit = plot = types.SimpleNamespace(**globals())
 UsageError = hyperfit.UsageError
 
 # What each study trains (on top of the model's preset) and how each of its runs is evaluated.
@@ -153,6 +155,7 @@ def run_study(study, out_dir=None, training=None, evaluation=None, progress=True
     if study == "quality":
         result["choice"] = quality_choice(rows)
     hyperfit.write_atomic(out_dir / "study.json", json.dumps(result, indent=2) + "\n")
+    write_study(out_dir)
     return result
 
 
@@ -345,6 +348,276 @@ def study_flags(training, evaluation, plan):
 
 
 # -----------------------------------------------------------------------------
+# a study's figure and report (from study.json; each run's own report by plot.py)
+
+
+STUDY_FIGSIZE = (13.0, 7.5)
+
+
+STUDY_MARKER = "#555555"  # the paper's statements on the study figures
+
+
+def _study_series(rows, key):
+    xs = [r["num_train"] for r in rows if r.get(key) is not None]
+    return xs, [r[key] for r in rows if r.get(key) is not None]
+
+
+def _data_size_axes(fig):
+    axes = fig.subplots(2, 3).ravel()
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("training sequences")
+        ax.grid(alpha=0.3)
+    return axes
+
+
+def plot_data_size_study(study, paper):
+    """The data-size study: per number of training sequences (log x) the TTR of 96-token greedy
+    continuations (with and without citation blocking, the original model as reference), the
+    final losses, memorisation (overlap, Dataset-BLEU), Self-BLEU and sharpness; the paper's
+    statements marked in grey."""
+    rows = sorted(study["rows"], key=lambda r: r["num_train"])
+    fig = plot.Figure(figsize=STUDY_FIGSIZE, layout="constrained")
+    ttr, loss, overlap, dataset, self_bleu, sharp = _data_size_axes(fig)
+    for key, color, label in [
+        (
+            "hyperfitted_greedy.ttr_first96",
+            plot.MODE_COLORS["hyperfitted_greedy"],
+            "hyperfitted greedy",
+        ),
+        (
+            "hyperfitted_blocked.ttr_first96",
+            plot.MODE_COLORS["hyperfitted_blocked"],
+            "+ citation blocking",
+        ),
+        ("original_greedy.ttr_first96", plot.MODE_COLORS["original_greedy"], "original greedy"),
+    ]:
+        ttr.plot(*_study_series(rows, key), "-o", color=color, label=label)
+    ttr.axvline(
+        paper["studies"]["data_size"]["ttr_drops_at"],
+        ls=":",
+        color=STUDY_MARKER,
+        label="paper: TTR drops at 8 (= batch)",
+    )
+    ttr.set(title="(a) TTR of 96-token continuations", ylabel="TTR", ylim=(0, 1.02))
+    loss.plot(
+        *_study_series(rows, "final_train_loss"), "-o", color="C0", label="train (the final model)"
+    )
+    loss.plot(*_study_series(rows, "val_loss"), "--o", color="C3", label="validation")
+    loss.set(title="(b) loss at the end of training", ylabel="nats / token", yscale="log")
+    overlap.plot(
+        *_study_series(rows, "hyperfitted_greedy.overlap_gt10_share_first96"),
+        "-o",
+        color="C1",
+        label="hyperfitted greedy",
+    )
+    at = (paper["overlap"]["training_sequences"], paper["overlap"]["below"])
+    overlap.plot(*at, "v", color=STUDY_MARKER, ms=9, label="paper at 2,000: < 2 %")
+    overlap.set(
+        title="(c) overlap > 10 tokens with training",
+        ylabel="share",
+        ylim=(-0.02, 1.02),
+    )
+    dataset.plot(*_study_series(rows, "hyperfitted_greedy.dataset_bleu4_first96"), "-o", color="C1")
+    dataset.set(title="(d) Dataset-BLEU-4 (copying)", ylabel="BLEU-4 vs training sequences")
+    self_bleu.plot(
+        *_study_series(rows, "hyperfitted_greedy.self_bleu4_texygen_first96"), "-o", color="C4"
+    )
+    self_bleu.set(title="(e) Self-BLEU-4 (Texygen) ↓", ylabel="BLEU-4 between continuations")
+    sharp.plot(*_study_series(rows, "val_entropy"), "-o", color="C2", label="entropy (nats)")
+    sharp.plot(*_study_series(rows, "val_top1_prob"), "--o", color="C5", label="top-1 probability")
+    sharp.set(title="(f) sharpness on validation text", ylabel="nats / probability")
+    for ax in (ttr, loss, overlap, sharp):
+        ax.legend(fontsize=8)
+    fig.suptitle("How much data hyperfitting needs (" + _study_subtitle(study) + ")")
+    return fig
+
+
+def plot_shuffle_study(study, paper):
+    """The shuffle study: the share of validation positions whose top-1 prediction differs
+    between runs trained on the same data in another order (the paper: ~30 %), and each run's TTR
+    and top-1 agreement with the original model."""
+    comparison = study.get("comparison", {})
+    fig = plot.Figure(figsize=(11.0, 4.5), layout="constrained")
+    differ, runs = fig.subplots(1, 2)
+    pairs = comparison.get("pairs", [])
+    differ.bar(
+        [" vs ".join(p["runs"]) for p in pairs], [p["top1_differs"] for p in pairs], color="C0"
+    )
+    changed = paper["studies"]["shuffle"]["top1_changed"]
+    differ.axhline(changed, ls="--", color=STUDY_MARKER, label="paper: ~30 %")
+    differ.set(
+        title="(a) top-1 predictions that differ between orders",
+        ylabel="share of validation positions",
+        ylim=(0, 1),
+    )
+    differ.legend(fontsize=8)
+    names = [r["run"] for r in study["rows"]]
+    agreement = comparison.get("top1_agreement_with_original", {})
+    x = numpy.arange(len(names))
+    runs.bar(
+        x - 0.2,
+        [r.get("hyperfitted_greedy.ttr_first96") or 0 for r in study["rows"]],
+        0.4,
+        label="TTR, 96-token greedy continuations",
+        color=plot.MODE_COLORS["hyperfitted_greedy"],
+    )
+    runs.bar(
+        x + 0.2,
+        [agreement.get(n, 0) for n in names],
+        0.4,
+        label="top-1 agreement with the original",
+        color="C7",
+    )
+    runs.set_xticks(x, [plot.plain(name) for name in names])
+    runs.set(title="(b) each data order", ylim=(0, 1.02))
+    runs.legend(fontsize=8)
+    fig.suptitle("What the data order changes (" + _study_subtitle(study) + ")")
+    return fig
+
+
+def plot_quality_study(study, paper):
+    """The quality study: for every (learning rate, epochs) run, the TTR of its greedy text (96
+    tokens) against its share of unknown words, beside the original model's and the human
+    text's; the goal's corner shaded (TTR at least twice the original greedy's, unknown words at
+    most the human text's) and the chosen preset circled."""
+    fig = plot.Figure(figsize=(8.5, 5.5), layout="constrained")
+    ax = fig.subplots()
+    rows, choice = study["rows"], study.get("choice", {})
+    ttr, unknown = "hyperfitted_greedy.ttr_first96", "hyperfitted_greedy.unknown_word_share"
+    for row in rows:
+        if row.get(ttr) is None or row.get(unknown) is None:
+            continue
+        color = f"C{sorted({r['lr'] for r in rows}).index(row['lr'])}"
+        marker = "o" if row["epochs"] == min(r["epochs"] for r in rows) else "s"
+        ax.scatter(
+            row[ttr],
+            100 * row[unknown],
+            color=color,
+            marker=marker,
+            s=60,
+            label=f"lr {row['lr']:g}, {row['epochs']} epochs",
+        )
+        if row["run"] == choice.get("run"):
+            ax.scatter(
+                row[ttr],
+                100 * row[unknown],
+                s=400,
+                facecolors="none",
+                edgecolors="black",
+                label="chosen",
+            )
+    first = rows[0] if rows else {}
+    original, human = (
+        first.get("original_greedy.ttr_first96"),
+        first.get("human.unknown_word_share"),
+    )
+    if original is not None and human is not None:
+        ax.axvspan(2 * original, 1.0, ymax=1, color="#e8f4e8", zorder=0)
+        ax.axhline(
+            100 * human, ls=":", color=plot.MODE_COLORS["human"], label="human text's unknown words"
+        )
+        ax.axvline(2 * original, ls="--", color=STUDY_MARKER, label="2× the original greedy TTR")
+    ax.set(
+        xlabel="TTR of hyperfitted greedy text, 96 tokens →",
+        ylabel="unknown words (% of words) ↓",
+        title="Which CPU preset keeps the text real? (goal: right of dashed, below dotted)",
+    )
+    ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("Quality study (" + _study_subtitle(study) + ")")
+    return fig
+
+
+def _study_subtitle(study):
+    t = study.get("training", {})
+    return f"{t.get('model')}, {t.get('seq_len')}-token sequences, epochs as the preset"
+
+
+def plot_study(study_or_dir, paper=None):
+    """The figure of a study: accepts study.json's dict or the study folder."""
+    study = study_or_dir if isinstance(study_or_dir, dict) else _read_study(study_or_dir)
+    draw = dict(
+        data_size=plot_data_size_study, shuffle=plot_shuffle_study, quality=plot_quality_study
+    )
+    return draw[study["study"]](study, paper or plot.read_paper())
+
+
+def _read_study(study_dir):
+    study = hyperfit.read_json(Path(study_dir) / "study.json", "rerun python studies.py for it")
+    if study.get("study") not in ("data_size", "shuffle", "quality") or not isinstance(
+        study.get("rows"), list
+    ):
+        raise UsageError(f"{study_dir}/study.json is not a study of studies.py; rerun it")
+    return study
+
+
+def study_report(study, figure_name, paper):
+    """The study's report.md: the command, the paper's statement, the table, the figure, the
+    runs (and the shuffle study's comparison, the quality study's choice)."""
+    columns = plot.read_tables()["quality_study" if study["study"] == "quality" else "study"]
+    lines = [
+        f"# Study: {study['study'].replace('_', ' ')}",
+        "",
+        f"Made by `{study['command']}`.",
+        "",
+        f"The paper: {paper['studies'][study['study']]['statement']}.",
+        "",
+        f"![study]({figure_name})",
+        "",
+        "| run | " + " | ".join(c[1] for c in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for row in study["rows"]:
+        cells = ["–" if row.get(k) is None else f.format(row[k]) for k, _, f in columns]
+        lines.append(f"| [{row['run']}]({row['run']}/report.md) | " + " | ".join(cells) + " |")
+    if comparison := study.get("comparison"):
+        lines += [
+            "",
+            "Top-1 predictions on validation text that differ between data orders (paper: ~30 %):",
+            "",
+        ]
+        lines += [
+            f"- {' vs '.join(p['runs'])}: {p['top1_differs']:.3f}" for p in comparison["pairs"]
+        ]
+        lines += [
+            f"- {name}: same top-1 as the original model at {share:.3f} of positions"
+            for name, share in comparison["top1_agreement_with_original"].items()
+        ]
+    if choice := study.get("choice"):
+        lines += ["", f"Chosen: **{choice['run']}** ({choice['why']})."]
+    t, e = study["training"], study["evaluation"]
+    lines += [
+        "",
+        f"Training: {json.dumps(t)}. Evaluation: {json.dumps(e)}. TTR, overlap, Dataset-BLEU and "
+        "Self-BLEU score the 96-token greedy continuations of the same prompts in every run (the "
+        "paper's diversity table); unknown words and MAUVE score the whole continuation; final "
+        "train loss = the trained model's loss on its own training sequences; val loss, entropy, "
+        "top-1 prob = the end of training on validation text; wall s = training + evaluation.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_study(study_dir, svg=False):
+    """Check study.json and its runs, then write each run's figures and report.md (which the
+    study's report links) and the study's figure and report.md. A run folder that is not there
+    (study.json copied alone) is left out: study.json holds the numbers the study needs."""
+    study_dir = Path(study_dir)
+    study = _read_study(study_dir)
+    runs = [study_dir / row["run"] for row in study["rows"] if (study_dir / row["run"]).exists()]
+    try:
+        plot._check_runs(runs)
+    except plot.PlotInputError as e:
+        raise UsageError(str(e)) from None
+    figure = plot_study(study)
+    report = study_report(study, "study.png", plot.read_paper())
+    written = [path for run in runs for path in plot.plot_run(run, svg=svg)]
+    written += plot._save(figure, study_dir / "study.png", svg)
+    plot._write_atomic(study_dir / "report.md", report.encode("utf-8"))
+    return written + [str(study_dir / "report.md")]
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 
@@ -364,7 +637,7 @@ def number_list(kind):
 def build_parser():
     p = hyperfit.Parser(
         description="Run one of the paper's studies into results/studies/<study>/ "
-        "(python plot.py results/studies/<study> draws it)."
+        "and draw its figure and report."
     )
     p.add_argument("study", choices=[s.replace("_", "-") for s in STUDIES])
     p.add_argument("--out-dir", help="the folder that holds studies (default: results/studies)")
@@ -430,7 +703,7 @@ def main(argv=None):
         )
         return 130
     folder = Path(out_dir or "results/studies") / result["study"].replace("_", "-")
-    print(f"done: {len(result['rows'])} runs (next: python plot.py {folder})")
+    print(f"done: {len(result['rows'])} runs; {folder / 'report.md'}")
     return 0
 
 

@@ -4,6 +4,7 @@ an interrupted one, a rerun with other settings is refused, every option of the 
 honoured, and plot.py draws the study."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -120,7 +121,7 @@ def test_a_rerun_with_other_settings_is_refused(
             "other evaluation",
         ),
     ]:
-        with pytest.raises(hyperfit.UsageError, match=message):
+        with pytest.raises(hyperfit.UsageError, match=re.escape(message)):
             studies.run_study(
                 "data-size", folder.parent, training, evaluation, sizes=[8, 16], progress=False
             )
@@ -138,9 +139,8 @@ def test_a_rerun_with_other_settings_is_refused(
     (folder / "study.json").write_text(before)
 
 
-def test_plot_draws_the_study(data_size_study):
+def test_the_study_is_drawn(data_size_study):
     folder, _ = data_size_study
-    assert plot.main([str(folder)]) == 0
     assert (folder / "study.png").exists() and "[n16](n16/report.md)" in (
         folder / "report.md"
     ).read_text()
@@ -188,7 +188,7 @@ def test_the_quality_study_chooses_a_preset(tiny_model_dir, tiny_data, tmp_path)
         assert chosen["hyperfitted_greedy.ttr_first96"] == max(
             r["hyperfitted_greedy.ttr_first96"] for r in rows
         )
-    assert plot.main([str(tmp_path / "quality")]) == 0
+    assert (tmp_path / "quality" / "study.png").exists()
     assert f"Chosen: **{choice['run']}**" in (tmp_path / "quality" / "report.md").read_text()
 
 
@@ -232,7 +232,9 @@ def test_bad_options_are_one_line(argv, message, capsys, tmp_path):
 def test_the_command_line_honours_every_option(tiny_model_dir, tiny_data, tmp_path, monkeypatch):
     """Each option reaches the runs: model, data, seq-len, num-val, seed (training) and
     num-prompts, new-tokens, device (evaluation) are in every run's config and summary."""
-    monkeypatch.setattr(studies, "STUDY_TRAINING", dict(studies.STUDY_TRAINING, **TRAINING))
+    monkeypatch.setattr(
+        studies, "STUDY_TRAINING", dict(studies.STUDY_TRAINING, **TRAINING, num_train=16)
+    )
     argv = [
         "shuffle",
         "--out-dir",
@@ -267,3 +269,65 @@ def test_the_command_line_honours_every_option(tiny_model_dir, tiny_data, tmp_pa
         summary = json.loads((tmp_path / "shuffle" / run / "eval" / "summary.json").read_text())
         assert (summary["args"]["num_prompts"], summary["args"]["new_tokens"]) == (5, 20)
         assert summary["args"]["device"] == "cpu"
+
+
+# -----------------------------------------------------------------------------
+# a study's figure and report, from a hand-made study.json
+
+
+def study_json(kind):
+    rows = []
+    for i, size in enumerate([8, 16, 32] if kind == "data_size" else [16, 16]):
+        rows.append(
+            {
+                "run": f"n{size}" if kind == "data_size" else f"order{i}",
+                "num_train": size,
+                "order_seed": None if kind == "data_size" else i,
+                "steps": size // 8 * 10,
+                "train_loss": 0.5 / (i + 1),
+                "val_loss": 4 + i,
+                "val_entropy": 2 - 0.3 * i,
+                "val_top1_prob": 0.4 + 0.1 * i,
+                "wall_s": 100.0 * (i + 1),
+                "hyperfitted_greedy.ttr_first96": 0.4 + 0.1 * i,
+                "hyperfitted_blocked.ttr_first96": 0.35 + 0.1 * i,
+                "original_greedy.ttr_first96": 0.2,
+                "hyperfitted_greedy.overlap_gt10_share_first96": 0.3 / (i + 1),
+                "hyperfitted_greedy.dataset_bleu4_first96": 10.0 - i,
+                "hyperfitted_greedy.self_bleu4_texygen_first96": 20.0 - i,
+            }
+        )
+    study = {
+        "study": kind,
+        "paper": "a claim",
+        "rows": rows,
+        "command": f"python studies.py {kind}",
+        "training": {"model": "smollm2-135m", "seq_len": 64},
+        "evaluation": {"new_tokens": 96},
+    }
+    if kind == "shuffle":
+        study["comparison"] = {
+            "pairs": [{"runs": ["order0", "order1"], "top1_differs": 0.27}],
+            "top1_agreement_with_original": {"order0": 0.4, "order1": 0.41},
+        }
+    return study
+
+
+@pytest.mark.parametrize("kind", ["data_size", "shuffle"])
+def test_a_study_gets_its_figure_and_report(tmp_path, kind):
+    folder = tmp_path / kind
+    folder.mkdir()
+    (folder / "study.json").write_text(json.dumps(study_json(kind)))
+    assert studies.write_study(folder)
+    assert (folder / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (folder / "report.md").read_text()
+    statement = plot.read_paper()["studies"][kind]["statement"]  # the paper's, from data/paper.json
+    assert "![study](study.png)" in report and statement in report
+    rows = [line for line in report.splitlines() if line.startswith("| [")]
+    assert len(rows) == len(study_json(kind)["rows"])
+    if kind == "shuffle":
+        assert "order0 vs order1: 0.270" in report
+    else:
+        axes = studies.plot_study(study_json(kind)).axes
+        assert axes[0].get_xscale() == "log"  # data size on a log axis
+        assert any(line.get_label().startswith("paper") for line in axes[0].lines)
