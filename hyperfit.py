@@ -43,6 +43,7 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
 import subprocess
 import time
@@ -142,6 +143,7 @@ PRESETS = {
 }
 RESUMABLE = ("epochs", "lr", "eval_every", "save_every")  # what --resume may change
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GPT2_LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # GPT-2-style blocks (ImageGPT: images.py)
 LOSS_CHUNK_TOKENS = 256  # positions per chunk of the lean loss (x vocabulary x 4 bytes each)
 TTR_WINDOW = 96  # the paper's TTR: unique / total tokens over the last 96 generated tokens
 DTYPES = dict(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.float16)
@@ -807,9 +809,12 @@ def load_model(model=Settings.model, quant="4bit", adapter=None, device=None, dt
     frozen). device: "cpu", "cuda" or None (the GPU if there is one). dtype: the compute dtype,
     see compute_dtype. Files that cannot be loaded (a missing or foreign weights file, a pickle,
     an adapter of another model) are a one-line UsageError; nothing in them runs as code."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, ImageGPTConfig, ImageGPTForCausalImageModeling
 
     quiet_libraries()
+    # ImageGPT (images.py) predicts the next pixel like a causal LM, but transformers files it
+    # apart; without exist_ok, register() silently skips a built-in config
+    AutoModelForCausalLM.register(ImageGPTConfig, ImageGPTForCausalImageModeling, exist_ok=True)
     device = pick_device(device)
     dtype = compute_dtype(device, dtype)
     quantization = quantization_config(quant, dtype)
@@ -882,12 +887,12 @@ def add_lora(net, r=16, alpha=32, last_layers=None, gradient_checkpointing=False
             f"--lora-layers {last_layers}: the model has {layers} layers; choose 1..{layers}"
         )
     first = layers - (last_layers or layers)
-    targets = [
+    targets = [  # in layer N: Llama's model.layers.N. or GPT-2's transformer.h.N.
         name
         for name, _ in net.named_modules()
-        if name.endswith(LORA_TARGETS)
-        and ".layers." in name
-        and int(name.split(".layers.")[1].split(".")[0]) >= first
+        if name.endswith(LORA_TARGETS + GPT2_LORA_TARGETS)
+        and (layer := re.search(r"\.(?:layers|h)\.(\d+)\.", name))
+        and int(layer[1]) >= first
     ]
     if gradient_checkpointing:
         # Not peft's prepare_model_for_kbit_training: it also upcasts embeddings and lm_head to
@@ -924,6 +929,7 @@ def dense_copy(net):
     from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
+    from transformers.pytorch_utils import Conv1D
 
     base = net.get_base_model() if hasattr(net, "get_base_model") else net
     config = copy.deepcopy(base.config)
@@ -938,13 +944,15 @@ def dense_copy(net):
     for key in dense.state_dict():
         module_name, _, leaf = key.rpartition(".")
         module = base.get_submodule(module_name)
-        if isinstance(module, LoraLayer) and leaf == "weight":
-            state[key] = float_weight(module.get_base_layer(), dtype)
-            active = [] if module.disable_adapters else module.active_adapters
+        layer = module.get_base_layer() if isinstance(module, LoraLayer) else module
+        if isinstance(layer, (torch.nn.Linear, Conv1D)) and leaf == "weight":
+            state[key] = float_weight(layer, dtype)
+            active = [] if layer is module or module.disable_adapters else module.active_adapters
             for name in (name for name in active if name in module.lora_A):
                 state[key] = state[key] + module.get_delta_weight(name).to(dtype)
-        elif isinstance(module, torch.nn.Linear) and leaf == "weight":
-            state[key] = float_weight(module, dtype)
+            to_conv1d = isinstance(dense.get_submodule(module_name), Conv1D)  # (in, out) weights
+            if to_conv1d and not isinstance(layer, Conv1D):  # bitsandbytes made it (out, in)
+                state[key] = state[key].T
         else:
             state[key] = getattr(module, leaf).detach().to(dtype)
     dense.load_state_dict(state, strict=True)

@@ -35,6 +35,7 @@ import warnings
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 from matplotlib.figure import Figure  # Figure() directly, not pyplot: no GUI window, no leaks
 from matplotlib.patches import Patch
 
@@ -54,6 +55,7 @@ MODE_LABELS = {
     "hyperfitted_greedy": "hyperfitted greedy",
     "hyperfitted_blocked": "hyperfitted + citation blocking",
     "human": "human text",
+    "original_sampled": "original sampled",  # images.py's modes
 }
 FALLBACK_COLORS = ["#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#2ca02c"]
 TRAINING_PANELS = [
@@ -858,6 +860,44 @@ def paper_comparison(summary, records, paper):
 
 
 # -----------------------------------------------------------------------------
+# image runs (images.py's eval/images.json): the completion grid and its measures
+
+
+def plot_completions(report):
+    """The paper's image figure: a column per held-out image; rows its prompt (the top half), each
+    mode's completion of the bottom half (below the red line) and the real image."""
+    grid = report["figure"]
+    side, palette = grid["side"], np.asarray(grid["palette"], dtype=np.uint8)
+    rows, columns = list(grid["images"]), len(grid["images"]["real"])
+    fig = Figure(figsize=(0.75 * columns + 1.8, 0.8 * len(rows) + 0.6), layout="constrained")
+    for ax_row, row in zip(fig.subplots(len(rows), columns, squeeze=False), rows):
+        for ax, ids in zip(ax_row, grid["images"][row]):
+            pixels = palette[np.asarray(ids)].reshape(-1, side, palette.shape[1])
+            ax.imshow(pixels, extent=(0, side, len(pixels), 0), interpolation="nearest")
+            ax.set(xlim=(0, side), ylim=(side, 0), xticks=[], yticks=[], facecolor="#d9d9d9")
+            if row != "real":
+                ax.axhline(grid["prompt_pixels"] / side, color="red", lw=0.8)
+        ax_row[0].set_ylabel(_mode_label(row), rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"Completions of held-out images from their top half: {plain(report.get('run'))}")
+    return fig
+
+
+def image_section(run):
+    """report.md's section of an image run: eval/images.json's measures, a row per mode and one
+    for the real images."""
+    report = _read_json(Path(run) / "eval" / "images.json")
+    measures, sampling = list(report["modes"]["real"]), report["sampling"]["note"]
+    lines = ["## Image completions", "", f"{report['num_images']} held-out images completed from"]
+    lines[-1] += f" their top half. Sampling: {sampling}. Classifier: {report['classifier']}."
+    lines += ["", "| | " + " | ".join(m.replace("_", " ") for m in measures) + " |"]
+    lines += ["|---" * (1 + len(measures)) + "|"] + [
+        f"| {_mode_label(mode)} | " + " | ".join(fmt(values.get(m)) for m in measures) + " |"
+        for mode, values in report["modes"].items()
+    ]
+    return lines + [""]
+
+
+# -----------------------------------------------------------------------------
 # report.md and the whole run
 
 
@@ -914,6 +954,7 @@ def run_report(run, human_study):
         "eval/decoding_comparison.png",
         "eval/ttr_by_position.png",
         "eval/quality.png",
+        "eval/completions.png",
         "human_study/preference.png",
     ]
     figures = [
@@ -932,6 +973,7 @@ def run_report(run, human_study):
             "`python annotate.py <run> --overwrite`.",
             "",
         ]
+    lines += image_section(run) if (run / "eval" / "images.json").exists() else []
     if (run / "eval" / "table.md").exists():
         table = (run / "eval" / "table.md").read_text(encoding="utf-8").strip().split("\n", 1)[-1]
         lines += ["## Evaluation", "", table.strip(), ""]  # its own title off
@@ -980,6 +1022,9 @@ def plot_run(run_dir, svg=False, x="epoch"):
             summary, read_metrics(run), paper
         )
         pages[eval_dir / "repetition.html"] = repetition_html(eval_dir / "generations.jsonl")
+    if (eval_dir / "images.json").exists():  # an image run (images.py)
+        images = _read_json(eval_dir / "images.json")
+        figures[eval_dir / "completions.png"] = plot_completions(images)
     current = current_human_study(run)
     rendered = {path: _png(fig) for path, fig in figures.items()}
     rendered |= (
@@ -1023,6 +1068,8 @@ def _problem(run):
         _read_config(run)
         if (run / "eval" / "summary.json").exists():
             _load_summary(run / "eval" / "summary.json")
+        if (run / "eval" / "images.json").exists():
+            _read_json(run / "eval" / "images.json", "rerun python images.py --evaluate <run>")
     except PlotInputError as e:
         return str(e)
     return None

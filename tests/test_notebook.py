@@ -70,6 +70,7 @@ ORDER = [
     "plot.py",
     "annotate.py",
     "studies.py",
+    "images.py",
 ]
 
 
@@ -88,6 +89,7 @@ def test_a_script_pasted_into_a_cell_only_defines_its_functions(tmp_path, script
         "evaluate.py": "print(check_modes(None, True)[-1], callable(evaluate))",
         "annotate.py": "print(page_id_of([]) == page_id_of([]), callable(write_page))",
         "studies.py": "print(study_plan('shuffle')[0][0], callable(run_study))",
+        "images.py": "print(shape_settings(dict(side=8, positions=65)), callable(images))",
         "plot.py": "print(repeated_ngram_mask([1, 2, 3, 1, 2, 3], 3), callable(plot_run))",
     }
     expected = {
@@ -97,6 +99,7 @@ def test_a_script_pasted_into_a_cell_only_defines_its_functions(tmp_path, script
         "evaluate.py": "hyperfitted_blocked True",
         "annotate.py": "True True",
         "studies.py": "order0 True",
+        "images.py": "{'seq_len': 65, 'prompt_len': 33, 'gen_tokens': 32} True",
         "plot.py": "[False, False, False, False, False, True] True",
     }
     cells = [nbformat.v4.new_code_cell(text) for text in sources]

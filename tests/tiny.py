@@ -71,3 +71,27 @@ def random_model(
     net.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
+
+
+def random_imagegpt(folder, side=4, clusters=8, shape=None, seed=0, positions=None):
+    """Save a randomly initialised ImageGPT and ImageGPT's image processor with `clusters` random
+    colour clusters for side x side images into `folder`: a local folder laid out as the hub's
+    openai/imagegpt-* are (no tokenizer: images.py prepares it as it prepares a hub model).
+    positions: the model's context, side * side by default, as the hub models have (all but the
+    last pixel after <sos>). Returns the folder."""
+    import numpy as np
+    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessor
+
+    hyperfit.quiet_libraries()
+    config = ImageGPTConfig(
+        vocab_size=clusters + 1,
+        n_positions=positions or side * side,
+        **(shape or dict(n_embd=32, n_layer=2, n_head=2)),
+        initializer_range=0.3,  # as random_model's: a frozen random model then moves under LoRA
+    )
+    torch.manual_seed(seed)
+    ImageGPTForCausalImageModeling(config).save_pretrained(folder)
+    colours = np.random.default_rng(seed).uniform(-1, 1, size=(clusters, 3))
+    size = dict(height=side, width=side)
+    ImageGPTImageProcessor(clusters=colours, size=size).save_pretrained(folder)
+    return str(folder)
