@@ -140,6 +140,8 @@ PRESETS = {
     "deepseek-7b": dict(source="deepseek-ai/deepseek-llm-7b-base"),
     # The follow-up paper's late-stage LoRA model: LoRA on the last 5 layers only.
     "qwen2.5-1.5b": dict(source="Qwen/Qwen2.5-1.5B", lora_layers=5),
+    # The paper's largest: sharded over GPUs (accelerate launch --config_file configs/fsdp.yaml)
+    "llama3.1-70b": dict(source="meta-llama/Llama-3.1-70B", gradient_checkpointing=True),
 }
 RESUMABLE = ("epochs", "lr", "eval_every", "save_every")  # what --resume may change
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -452,10 +454,8 @@ class Run:
 def prepare_run(settings, run_dir, texts, resume, previous):
     """The data, the model with LoRA and the optimizer of a run (and, with resume, its checkpoint,
     after checking the data is what the run trained on). Nothing is written yet."""
-    from accelerate import Accelerator
-
     s = settings
-    run = Run(s, Path(run_dir), Accelerator(cpu=not torch.cuda.is_available()))
+    run = Run(s, Path(run_dir), make_accelerator())
     run.micro_batch_size = micro_batch_size(s, run.accelerator.num_processes)
     run.tokenizer = load_tokenizer(s.model)
     splits = make_splits(run.tokenizer, texts, s.seq_len, s.num_train, s.num_val, s.seed)
@@ -480,10 +480,13 @@ def prepare_run(settings, run_dir, texts, resume, previous):
     run.loss = lean_loss_sum if s.lean_loss else plain_loss_sum
     run.steps_per_epoch = math.ceil(s.num_train / s.batch_size)
     run.total_steps = run.steps_per_epoch * s.epochs
-    if resume:
-        restore(run)
+    full_optimizer_state = restore(run) if resume else None
     run.net, run.optimizer = run.accelerator.prepare(run.net, run.optimizer)
     run.unwrapped = run.accelerator.unwrap_model(run.net)
+    if full_optimizer_state is not None:  # an FSDP checkpoint's: into the shards, after prepare
+        load_full_optimizer_state(run, full_optimizer_state)
+    for group in run.optimizer.param_groups:  # a --resume --lr takes effect from here on
+        group["lr"] = s.lr
     return run
 
 
@@ -502,10 +505,8 @@ def micro_batch_size(settings, processes):
 
 def restore(run):
     """Continue `run` from its folder's checkpoint: weights, optimizer, loss scaler, RNG states,
-    step and loss sums; a --resume --lr takes effect from here on."""
+    step and loss sums. Returns an FSDP checkpoint's optimizer state (to load after prepare)."""
     state = load_checkpoint(latest_checkpoint(run.run_dir), run.net, run.optimizer, run.scaler)
-    for group in run.optimizer.param_groups:
-        group["lr"] = run.settings.lr
     run.step, run.loss_sum, run.loss_count = state["step"], state["loss_sum"], state["loss_count"]
     run.elapsed_before = state["elapsed_s"]
     if run.step > run.total_steps:
@@ -513,6 +514,7 @@ def restore(run):
             f"--epochs {run.settings.epochs}: {run.run_dir} is already at step "
             f"{run.step} (epoch {run.step / run.steps_per_epoch:g})"
         )
+    return state["optimizer"] if state.get("full_optimizer") else None
 
 
 def start_run_folder(run, overwrite, changes, previous):
@@ -554,13 +556,21 @@ def write_config(run, changes, previous):
 
 
 def validate_and_log(run):
-    """Validate (main process), append the record to metrics.jsonl and three samples to
-    samples.jsonl, and print one line."""
-    if run.is_main():
-        s, step = run.settings, run.step
+    """Validate, append the record to metrics.jsonl and three samples to samples.jsonl, and print
+    one line (the main process; under FSDP every process runs the forwards, which gather the
+    shards, and the main one writes)."""
+    s, step, sharded = run.settings, run.step, is_sharded(run.accelerator)
+    if run.is_main() or sharded:
         record, samples = validate(
-            run.unwrapped, run.tokenizer, run.val_ids, run.prompt_ids, s.gen_tokens, s.batch_size
+            run.unwrapped,
+            run.tokenizer,
+            run.val_ids,
+            run.prompt_ids,
+            s.gen_tokens,
+            s.batch_size,
+            dense=False if sharded else None,
         )
+    if run.is_main():
         train_loss = run.loss_sum / run.loss_count if run.loss_count else None
         epoch, elapsed = round(step / run.steps_per_epoch, 4), round(run.elapsed(), 2)
         record = dict(step=step, epoch=epoch, elapsed_s=elapsed, train_loss=train_loss, **record)
@@ -568,32 +578,103 @@ def validate_and_log(run):
         for i, sample in enumerate(samples):
             append_jsonl(run.run_dir / "samples.jsonl", dict(step=step, prompt_id=i, **sample))
         shown = {k: v for k, v in record.items() if isinstance(v, float) and k != "epoch"}
-        run.bar.write(
-            f"step {step:4d} | epoch {epoch:5.2f} | "
-            + " | ".join(f"{k} {v:.3f}" for k, v in shown.items())
-        )
+        values = " | ".join(f"{k} {v:.3f}" for k, v in shown.items())
+        run.bar.write(f"step {step:4d} | epoch {epoch:5.2f} | {values}")
     run.loss_sum, run.loss_count = 0.0, 0
     run.accelerator.wait_for_everyone()
 
 
 def save(run):
-    """Checkpoint the run (main process; the others wait for it)."""
+    """Checkpoint the run (the main process writes; under FSDP every process first helps gather
+    the LoRA weights and the optimizer state whole)."""
+    weights, optimizer_state = full_states(run)
     if run.is_main():
         state = dict(step=run.step, loss_sum=run.loss_sum, loss_count=run.loss_count)
         state["elapsed_s"] = run.elapsed()
-        save_checkpoint(run.run_dir, run.unwrapped, run.optimizer, run.scaler, state)
+        save_checkpoint(
+            run.run_dir, run.unwrapped, run.optimizer, run.scaler, state, weights, optimizer_state
+        )
     run.accelerator.wait_for_everyone()
 
 
 def save_adapter(run):
-    """The finished run's LoRA adapter in run_dir/adapter/ (written beside it, then renamed)."""
+    """The finished run's LoRA adapter in run_dir/adapter/ (written beside it, then renamed),
+    whole also under FSDP: it loads onto one device like any adapter."""
+    weights, _ = full_states(run)
     if run.is_main():
         final, tmp = run.run_dir / "adapter", run.run_dir / "adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        run.unwrapped.save_pretrained(tmp)
+        run.unwrapped.save_pretrained(tmp, state_dict=weights)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     run.accelerator.wait_for_everyone()
+
+
+# -----------------------------------------------------------------------------
+# FSDP: one model sharded over many GPUs (accelerate launch --config_file configs/fsdp.yaml)
+
+
+def make_accelerator():
+    """accelerate's Accelerator for this launch: one process, data parallel (accelerate launch
+    --multi_gpu), or FSDP2 (accelerate launch --config_file configs/fsdp.yaml, which sets
+    ACCELERATE_USE_FSDP and the FSDP_* variables). accelerate 1.15 turns FSDP on for GPUs only
+    and quietly falls back to data parallel on CPU processes; there (the tests) the shared state
+    is switched to FSDP by hand: both copies, or accelerate copies the fallback back."""
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    sharding = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if sharding and os.environ.get("FSDP_VERSION", "1") != "2":  # accelerate's default: 1
+        raise UsageError(
+            "FSDP version 1 cannot shard a 4-bit base with LoRA in fp32: launch with "
+            "configs/fsdp.yaml (fsdp_version: 2)"
+        )
+    plugin = FullyShardedDataParallelPlugin() if sharding else None  # reads FSDP_* variables
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), fsdp_plugin=plugin)
+    if plugin is not None and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        for shared in (accelerator.state.__dict__, PartialState._shared_state):
+            shared["distributed_type"] = DistributedType.FSDP
+        accelerator.state.fsdp_plugin = plugin
+    return accelerator
+
+
+def is_sharded(accelerator):
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def full_states(run):
+    """Under FSDP: (the LoRA weights, the optimizer state keyed by parameter name), whole, on every
+    process (a collective: every process must call it); else (None, None): the net and the
+    optimizer give their own. Only the trainable weights are gathered, never the 4-bit base."""
+    if not is_sharded(run.accelerator):
+        return None, None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions as Options
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    gpu = run.accelerator.device.type != "cpu"  # offloading from CPU tensors crashes FSDP's copy
+    frozen_out = Options(full_state_dict=True, ignore_frozen_params=True, cpu_offload=gpu)
+    weights = get_model_state_dict(run.net, options=frozen_out)
+    optimizer = run.optimizer.optimizer  # inside accelerate's wrapper
+    return weights, get_optimizer_state_dict(
+        run.net, optimizer, options=Options(full_state_dict=True, cpu_offload=gpu)
+    )
+
+
+def load_full_optimizer_state(run, state):
+    """The optimizer state of an FSDP checkpoint (keyed by parameter name), into each process's
+    shard after accelerator.prepare (or into a plain optimizer: any launch resumes any)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(
+        run.net, run.optimizer.optimizer, optim_state_dict=state, options=options
+    )
 
 
 def resume_command(run):
@@ -785,7 +866,8 @@ def check_context(model, *lengths):
 
 def quantization_config(quant, dtype):
     """The bitsandbytes config of --quant (None for "none"); a UsageError where bitsandbytes
-    cannot run."""
+    cannot run. Under an FSDP launch the 4-bit weights are stored in the compute dtype, which
+    FSDP can shard (FSDP-QLoRA; uint8 storage would stay whole on every GPU)."""
     if quant == "none":
         return None
     try:
@@ -798,6 +880,8 @@ def quantization_config(quant, dtype):
     if quant == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     nf4 = dict(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        nf4.update(bnb_4bit_quant_storage=dtype)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, **nf4)
 
 

@@ -301,20 +301,25 @@ def disk_full(error, folder):
     return isinstance(error, RuntimeError) and shutil.disk_usage(folder).free < 64 * 2**20
 
 
-def save_checkpoint(run_dir, net, optimizer, scaler, state):
+def save_checkpoint(run_dir, net, optimizer, scaler, state, weights=None, optimizer_state=None):
     """Save the adapter, optimizer, loss scaler, RNG states and `state` (step, loss sums, elapsed)
     to run_dir/checkpoint/: written to checkpoint.tmp/ and renamed, so a kill at any moment keeps
     the last good checkpoint. Leftovers of an earlier killed save are cleared first; a full disk
-    is a UsageError that says the last checkpoint is intact."""
+    is a UsageError that says the last checkpoint is intact. `weights` and `optimizer_state`:
+    what FSDP gathered whole (the optimizer's keyed by parameter name; load_checkpoint leaves it
+    to be loaded after accelerate's prepare)."""
     final, tmp, old = (Path(run_dir) / f"checkpoint{end}" for end in ("", ".tmp", ".old"))
     shutil.rmtree(tmp, ignore_errors=True)
     if final.exists():  # a complete checkpoint: an old one beside it is stale
         shutil.rmtree(old, ignore_errors=True)
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     rng = dict(torch=torch.get_rng_state(), python=list(random.getstate()), cuda=cuda)
-    state = dict(state, optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), rng=rng)
+    full = optimizer_state is not None
+    optimizer_state = optimizer_state if full else optimizer.state_dict()
+    state = dict(state, optimizer=optimizer_state, full_optimizer=full, rng=rng)
+    state["scaler"] = scaler.state_dict()
     try:
-        net.save_pretrained(tmp)
+        net.save_pretrained(tmp, state_dict=weights)
         torch.save(state, tmp / "trainer_state.pt")
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -345,7 +350,8 @@ def load_checkpoint(folder, net, optimizer, scaler):
             f"({e.__class__.__name__}); start the run again with --overwrite"
         ) from None
     set_peft_model_state_dict(net, load_file(Path(folder) / "adapter_model.safetensors"))
-    optimizer.load_state_dict(state["optimizer"])
+    if not state.get("full_optimizer"):  # an FSDP checkpoint's goes in after prepare
+        optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     version, internal, gauss = state["rng"]["python"]
