@@ -224,8 +224,16 @@ def test_end_to_end_writes_every_output(evaluated, tiny_hyperfitted):
         keys = set(measures.PER_GENERATION_METRICS) | set(measures.SET_METRICS)
         assert set(info["metrics"]) == keys | ({"mauve"} if mode != "human" else set())
         assert info["metrics"]["ttr_last96_of_224"]["mean"] is None  # 100 tokens: no such window
-        for key in ("ttr_first96", "ttr", "simctg_diversity", "self_bleu4_texygen", "ppl_original",
-                    "ppl_hyperfitted", "unknown_word_share", "foreign_script_share"):  # fmt: skip
+        for key in (
+            "ttr_first96",
+            "ttr",
+            "simctg_diversity",
+            "self_bleu4_texygen",
+            "ppl_original",
+            "ppl_hyperfitted",
+            "unknown_word_share",
+            "foreign_script_share",
+        ):
             assert math.isfinite(info["metrics"][key]["mean"]), (mode, key)
         curve = info["ttr_by_position"]
         assert curve["window"] == 96 and curve["positions"] == [96] and len(curve["mean"]) == 1
@@ -249,9 +257,16 @@ def test_end_to_end_writes_every_output(evaluated, tiny_hyperfitted):
     comparison = plot.paper_comparison(
         summary, plot.read_metrics(tiny_hyperfitted), plot.read_paper()
     )
-    for finding in ("TTR of 96-token continuations", "Self-BLEU-4 (Texygen)", "Perplexity",
-                    "Citation blocking", "Entropy-matched sampling", "original's top-1", "MAUVE",
-                    "Unknown words"):  # fmt: skip
+    for finding in (
+        "TTR of 96-token continuations",
+        "Self-BLEU-4 (Texygen)",
+        "Perplexity",
+        "Citation blocking",
+        "Entropy-matched sampling",
+        "original's top-1",
+        "MAUVE",
+        "Unknown words",
+    ):
         assert finding in comparison, finding
     assert "../shared" not in comparison and "data/paper.json" in comparison
 
@@ -293,6 +308,33 @@ def test_recomputed_independently_from_generations_jsonl(evaluated):
         assert metrics["simctg_diversity"]["mean"] == pytest.approx(diversity)
     greedy = [r for r in records if r["mode"] == "original_greedy"]
     assert all(r["original_top1_share"] > 0.9 for r in greedy)  # its own choices: its top-1
+
+
+def test_quality_and_self_bleu_recomputed_with_the_named_libraries(evaluated):
+    """The unknown-word shares with wordfreq and Texygen's Self-BLEU with nltk (word_tokenize with
+    Punkt from data/nltk_data, sentence_bleu, method1), straight from generations.jsonl."""
+    import nltk
+    import wordfreq
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    summary, records, _ = evaluated
+    nltk.data.path.insert(0, str(Path(hyperfit.repo_root()) / "data" / "nltk_data"))
+    for r in records:
+        words = [w for w in wordfreq.tokenize(r["text"], "en") if any(c.isalpha() for c in w)]
+        unknown = [w for w in words if wordfreq.zipf_frequency(w, "en") == 0]
+        assert r["unknown_words"] == unknown
+        assert r["unknown_word_share"] == (len(unknown) / len(words) if words else None)
+    for mode in summary["modes"]:
+        texts = [nltk.word_tokenize(r["text"]) for r in records if r["mode"] == mode]
+        scores = [
+            100
+            * sentence_bleu(
+                texts[:k] + texts[k + 1 :], text, smoothing_function=SmoothingFunction().method1
+            )
+            for k, text in enumerate(texts)
+        ]
+        ours = summary["modes"][mode]["metrics"]["self_bleu4_texygen"]["mean"]
+        assert ours == pytest.approx(sum(scores) / len(scores), abs=1e-9), mode
 
 
 def test_blocked_rows_contain_no_training_ngram(evaluated, tiny_hyperfitted, tiny_model_dir):
