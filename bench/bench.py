@@ -36,6 +36,7 @@ import tiny  # noqa: E402
 
 import evaluate  # noqa: E402
 import hyperfit  # noqa: E402
+import measures  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # defaults: the paper's batch, prompts, training set (the blocking and overlap index), outputs
@@ -143,13 +144,13 @@ def time_generation(spec):
     work = torch.load(spec["work"])
     net, _ = hyperfit.load_model(spec["model"], "4bit", device=spec["device"], dtype=spec["dtype"])
     net = hyperfit.scoring_net(hyperfit.add_lora(net))
-    blocker, index_s = timed(evaluate.NGramBlocker, work["index"], evaluate.BLOCK_NGRAMS)
+    blocker, index_s = timed(evaluate.NGramBlocker, work["index"], evaluate.Options.block_ngrams)
     rows, new = [], spec["new_tokens"]
     for batch in spec["gen_batches"]:
         prompts, times = work["prompts"][:batch], dict(plain=[], blocked=[])
-        for processors in (None, [blocker]):  # warm-up: kernels, allocator, the cache's growth
+        for processors in ((), [blocker]):  # warm-up: kernels, allocator, the cache's growth
             hyperfit.generate(net, prompts, 4, batch_size=batch, logits_processor=processors)
-        for kind, processors in (("plain", None), ("blocked", [blocker])) * spec["repeats"]:
+        for kind, processors in (("plain", ()), ("blocked", [blocker])) * spec["repeats"]:
             start = time.perf_counter()
             hyperfit.generate(net, prompts, new, batch_size=batch, logits_processor=processors)
             times[kind].append(time.perf_counter() - start)  # returns CPU tensors: synced
@@ -174,13 +175,14 @@ def time_metrics(spec):
     work, t = torch.load(spec["work"]), {}
     tokenizer, rows = hyperfit.load_tokenizer(spec["model"]), work["continuations"].tolist()
     texts = [tokenizer.decode(ids) for ids in rows]
-    index, t["training_index_s"] = timed(evaluate.TrainingIndex, work["index"])
+    index, t["training_index_s"] = timed(measures.TrainingIndex, work["index"])
     per_row = [index] * len(rows)  # map(f, rows, per_row): f(row, index) for every row
-    t["longest_shared_span_s"] = timed(list, map(evaluate.longest_shared_span, rows, per_row))[1]
-    t["dataset_bleu4_s"] = timed(list, map(evaluate.dataset_bleu4, rows, per_row))[1]
-    t["self_bleu4_s"] = timed(evaluate.self_bleu4, rows)[1]
-    t["self_bleu4_texygen_s"] = timed(evaluate.self_bleu4_texygen, texts)[1]
-    t["simctg_repetition_s"] = timed(evaluate.simctg_repetition, texts)[1]
+    t["longest_shared_span_s"] = timed(list, map(measures.longest_shared_span, rows, per_row))[1]
+    t["dataset_bleu4_s"] = timed(list, map(measures.dataset_bleu4, rows, per_row))[1]
+    t["self_bleu4_s"] = timed(measures.self_bleu4, rows)[1]
+    t["self_bleu4_texygen_s"] = timed(measures.self_bleu4_texygen, texts)[1]
+    t["simctg_repetition_s"] = timed(measures.simctg_repetition, texts)[1]
+    t["unknown_word_share_s"] = timed(list, map(measures.unknown_word_share, texts))[1]
     row = dict(t, metrics_s=sum(t.values()), continuations=len(rows), tokens=len(rows[0]))
     net, _ = hyperfit.load_model(spec["model"], "4bit", device=spec["device"], dtype=spec["dtype"])
     net = hyperfit.scoring_net(net)  # the original model, as evaluate.py scores with it
@@ -297,10 +299,8 @@ def write_results(results, out_dir, started):
     lines[-1] += "reset after loading. Ratios: to full_fp32 of this model and run (>1: faster)\n"
     keys = "model config compute_dtype s_per_step tokens_per_s peak_mem_mb speed_vs_reference"
     lines += table(rows, keys + " mem_vs_reference label")
-    lines += [
-        f"## Generation: greedy, and with citation blocking ({evaluate.BLOCK_NGRAMS}-grams)",
-        "",
-    ]
+    n = evaluate.Options.block_ngrams
+    lines += [f"## Generation: greedy, and with citation blocking ({n}-grams)", ""]
     keys = "model generator compute_dtype batch new_tokens tokens_per_s blocked_tokens_per_s"
     lines += table(results["generation"], keys + " blocking_overhead")
     lines += [f"## Evaluation metrics: {e.get('continuations')} x {e.get('tokens')} tokens", ""]

@@ -12,6 +12,7 @@
 #                        evaluate.py with --num-prompts 64, one generation batch per decoding mode
 #                        (its GPU default, 300, is 5 batches: EVAL_PROMPTS=300 for the full run)
 #   runs/gpu-check-fp16/ (2) the same training with fp16 compute forced (--dtype float16)
+#   runs/gpu-check-fsdp/ (5) the same training under FSDP2 (configs/fsdp.yaml, 1 process)
 #   bench/cuda-<gpu>-bf16-shapes.json, .md   (3) bench.py --shapes: random-init TinyLlama-1.1B
 #                        and Llama-3.1-8B, 8 x 256 tokens, with and without gradient checkpointing,
 #                        the lean loss (and at 8B the full-logits loss beside it), the 1.1B shape's
@@ -163,6 +164,11 @@ step "(1) hyperfit.py" 180 $PY hyperfit.py --run-name gpu-check --overwrite --ou
     && step "(1) plot.py" 60 $PY plot.py "$runs/gpu-check"
 step "(2) hyperfit.py --dtype float16" 150 $PY hyperfit.py --run-name gpu-check-fp16 --overwrite \
     --out-dir "$runs" --dtype float16 "${model[@]}"
+# (5) FSDP2 + QLoRA through the shipped config, one process on one GPU (a lent machine has one):
+# the sharded path's CUDA kernels and its bnb_4bit_quant_storage; the loss curve should match (1)
+[ "$TINY" = 0 ] && step "(5) FSDP2 hyperfit.py" 150 $PY -m accelerate.commands.launch \
+    --config_file configs/fsdp.yaml --num_processes 1 hyperfit.py --run-name gpu-check-fsdp \
+    --overwrite --out-dir "$runs" "${model[@]}"
 grep -H '"compute_dtype"' "$runs"/gpu-check*/config.json  # what each run computed in
 
 left=$((BUDGET_S - ($(date +%s) - START) - 15))

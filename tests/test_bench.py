@@ -29,6 +29,15 @@ def run(out_dir, *argv):
     return json.loads(files[0].read_text()), files[0].with_suffix(".md").read_text()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fp32_compute():
+    """fp32 whatever the CPU (one with AVX512-BF16 would pick bf16), as the fp32-only kind does;
+    test_a_forced_dtype_is_honoured takes bf16 on either kind."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HYPERFIT_DTYPE", "float32")
+        yield
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     return run(tmp_path_factory.mktemp("quick"), "--quick")
@@ -60,7 +69,7 @@ def test_quick_writes_every_section(quick):
     (e,) = data["evaluation"]
     assert (e["continuations"], e["tokens"], e["score_measured_on"]) == (30, 64, 30)
     timings = [k for k in e if k.endswith("_s") and k not in ("metrics_s", "total_s")]
-    assert len(timings) == 7 and all(e[k] > 0 for k in timings)
+    assert len(timings) == 8 and all(e[k] > 0 for k in timings)
     assert e["metrics_s"] == pytest.approx(sum(e[k] for k in timings) - e["score_continuations_s"])
     assert e["total_s"] == pytest.approx(e["metrics_s"] + e["score_continuations_s"])
     for heading in ("## Training step", "## Generation", "## Evaluation metrics", "## Goals"):
