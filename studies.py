@@ -127,11 +127,9 @@ def run_study(study, out_dir=None, training=None, evaluation=None, progress=True
     study = study.replace("-", "_")
     runs = study_plan(study, **plan)
     out_dir = Path(out_dir or hyperfit.absolute_path("results/studies")) / study.replace("_", "-")
-    base = STUDY_TRAINING if study != "quality" else dict(eval_every=10**6)
-    training = dict(base, **(training or {}))
-    evaluation = dict(
-        QUALITY_EVALUATION if study == "quality" else STUDY_EVALUATION, **(evaluation or {})
-    )
+    own_training, own_evaluation = study_defaults(study)
+    training = dict(own_training, **(training or {}))
+    evaluation = dict(own_evaluation, **(evaluation or {}))
     check_same_study(out_dir, study, training, evaluation, runs)
     rows = []
     for name, settings in runs:
@@ -139,7 +137,7 @@ def run_study(study, out_dir=None, training=None, evaluation=None, progress=True
             print(f"== study {study}: run {name}", flush=True)
         rows.append(study_run(out_dir / name, dict(training, **settings), evaluation, progress))
     command = ["python", "studies.py", study.replace("_", "-")] + study_flags(
-        training, evaluation, plan
+        study, training, evaluation, plan
     )
     result = dict(
         study=study,
@@ -332,11 +330,20 @@ def shuffle_comparison(run_dirs, device=None):
     return dict(pairs=pairs, top1_agreement_with_original=agreement)
 
 
-def study_flags(training, evaluation, plan):
-    """The command-line flags that reproduce a study's non-default settings."""
+def study_defaults(study):
+    """(training, evaluation): the settings a study's runs take before the command's own."""
+    if study == "quality":  # the preset's sequences; validation at the start and the end only
+        return dict(eval_every=10**6), QUALITY_EVALUATION
+    return STUDY_TRAINING, STUDY_EVALUATION
+
+
+def study_flags(study, training, evaluation, plan):
+    """The command-line flags that reproduce a study's settings where they differ from the
+    study's own (study_defaults)."""
+    own_training, own_evaluation = study_defaults(study)
     given = {
-        **{k: v for k, v in training.items() if k not in STUDY_TRAINING and k != "eval_every"},
-        **{k: v for k, v in evaluation.items() if k not in STUDY_EVALUATION},
+        **{k: v for k, v in training.items() if own_training.get(k) != v},
+        **{k: v for k, v in evaluation.items() if own_evaluation.get(k) != v},
         **plan,
     }
     flags = []

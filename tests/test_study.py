@@ -213,6 +213,21 @@ def test_quality_choice_on_hand_made_rows():
     )
 
 
+def test_the_recorded_command_names_every_setting_not_the_studys_own():
+    """study.json's command reproduces the study: a setting that differs from that study's own
+    defaults is a flag (the quality study's evaluation defaults differ from the other studies')."""
+    own_training, own_evaluation = studies.study_defaults("quality")
+    assert studies.study_flags("quality", dict(own_training), dict(own_evaluation), {}) == []
+    evaluation = dict(own_evaluation, num_prompts=64)
+    flags = studies.study_flags("quality", dict(own_training, seq_len=64), evaluation, {})
+    assert flags == ["--seq-len", "64", "--num-prompts", "64"]
+    own_training, own_evaluation = studies.study_defaults("data_size")
+    flags = studies.study_flags(
+        "data_size", dict(own_training), dict(own_evaluation), {"sizes": [8]}
+    )
+    assert flags == ["--sizes", "8"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
