@@ -31,7 +31,6 @@ import html
 import json
 import random
 import re
-import shutil
 import warnings
 from pathlib import Path
 
@@ -304,7 +303,8 @@ def write_page(run_dir, tokens=ANNOTATE_TOKENS, seed=0, overwrite=False):
     pairs = annotation_pairs(hyperfit.read_jsonl(generations), tokenizer, tokens)
     files = page_files(pairs, seed, tokens=tokens, evaluation=evaluation_digest(generations))
     with hyperfit.RunLock(run_dir, "annotate.py " + " ".join(sys.argv[1:])):
-        write_folder(study, files)
+        failure = "nothing was changed: free some space and run it again"
+        hyperfit.write_folder(study, files, failure)
     return str(study / "annotate.html")
 
 
@@ -317,29 +317,6 @@ def page_files(pairs, seed=0, **about):
         "annotate_key.json": json.dumps(key, indent=2, ensure_ascii=False) + "\n",
         "annotate.html": annotation_html(page_items, key["page_id"]),
     }
-
-
-def write_folder(folder, files):
-    """Write `files` ({name: text}) as the whole of `folder`: into a new folder beside it that
-    then takes its place, so a reader sees the old folder or the new one, never a mix."""
-    folder = Path(folder)
-    tmp, old = folder.with_name(f".{folder.name}.new"), folder.with_name(f".{folder.name}.old")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        for name, text in files.items():
-            (tmp / name).write_text(text, encoding="utf-8")
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise hyperfit.UsageError(
-            f"could not write {folder} ({e.strerror or e}); nothing was "
-            "changed: free some space and run it again"
-        ) from None
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # -----------------------------------------------------------------------------

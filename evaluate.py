@@ -48,7 +48,6 @@ import dataclasses
 import json
 import math
 import shlex
-import shutil
 import time
 from pathlib import Path
 
@@ -409,23 +408,7 @@ def load_eval_data(tokenizer, setup, options):
     of each prompt (the next new_tokens tokens of its text; fewer where its text ends), and the
     validation sequences of the sharpness table."""
     s, o = setup["split"], options
-    splits = hyperfit.make_splits(
-        tokenizer,
-        hyperfit.load_texts(s["data"]),
-        s["seq_len"],
-        s["num_train"],
-        s["num_val"],
-        s["seed"],
-    )
-    if (
-        setup["train_fingerprint"]
-        and hyperfit.fingerprint(splits["train"]) != setup["train_fingerprint"]
-    ):
-        raise UsageError(
-            f"the training split rebuilt from {s['data']} does not match the run's "
-            "config.json (train_fingerprint): the data or tokenizer changed since "
-            "training; restore them"
-        )
+    splits = hyperfit.rebuild_splits(tokenizer, s, setup["train_fingerprint"])
     held_out = torch.cat([splits["val"], splits["heldout"]])
     if o.num_prompts > len(held_out):
         raise UsageError(
@@ -828,28 +811,16 @@ def run_evaluation(setup, data, modes, options, tokenizer, device, progress):
 
 
 def write_evaluation(out_dir, summary, records):
-    """summary.json and generations.jsonl, written into a new folder beside `out_dir` that then
-    takes its place: a reader (or a kill, or a full disk) sees the old evaluation or the new one,
-    never a mix. Whatever else the old folder held (figures, tables made from it) goes with it."""
-    out_dir = Path(out_dir)
+    """summary.json and generations.jsonl as the whole of `out_dir` (runfiles.write_folder): a
+    reader sees the old evaluation or the new one, never a mix; whatever else the old folder held
+    (figures, tables made from it) goes with it."""
     summary["args"]["out_dir"] = hyperfit.portable_path(out_dir)
-    tmp, old = out_dir.with_name(f".{out_dir.name}.new"), out_dir.with_name(f".{out_dir.name}.old")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        (tmp / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UsageError(
-            f"could not write the evaluation into {out_dir.parent} ({e.strerror or e}); "
-            "the earlier evaluation is intact: free some space and run it again"
-        ) from None
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    files = {
+        "generations.jsonl": "".join(json.dumps(r) + "\n" for r in records),
+        "summary.json": json.dumps(summary, indent=2) + "\n",
+    }
+    failure = "the earlier evaluation is intact: free some space and run it again"
+    hyperfit.write_folder(out_dir, files, failure)
 
 
 def command_line(args):

@@ -77,6 +77,7 @@ try:  # the run folders' plumbing (locks, checkpoints, safe writes): runfiles.py
         repo_root,
         save_checkpoint,
         write_atomic,
+        write_folder,  # noqa: F401 (for evaluate.py, annotate.py and images.py)
     )
 except ModuleNotFoundError:  # pasted into a notebook after runfiles.py's cell: its names are here
     pass
@@ -1149,6 +1150,22 @@ def make_splits(tokenizer, texts, seq_len, num_train, num_val, seed=0):
     }
     splits["sources"] = {k: [sources[i] for i in v] for k, v in dealt.items()}
     splits["documents"] = documents
+    return splits
+
+
+def rebuild_splits(tokenizer, args, train_fingerprint=None):
+    """A finished run's exact data split, from its config.json: `args` (data, seq_len, num_train,
+    num_val, seed). With its `train_fingerprint`, a rebuilt training split that differs (the data
+    or the tokenizer changed since training) is a UsageError, not a silently different test."""
+    texts = load_texts(args["data"])
+    seq_len, num_train, num_val = args["seq_len"], args["num_train"], args["num_val"]
+    splits = make_splits(tokenizer, texts, seq_len, num_train, num_val, args["seed"])
+    if train_fingerprint and fingerprint(splits["train"]) != train_fingerprint:
+        raise UsageError(
+            f"the training split rebuilt from {args['data']} is not what the run trained on "
+            "(config.json's train_fingerprint): the data or the tokenizer changed since "
+            "training; restore them"
+        )
     return splits
 
 

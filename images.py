@@ -646,19 +646,7 @@ def evaluation_data(config, tokenizer, num_images, most=None):
     held-out images (never trained on), the first `num_images` (None: all, or at most `most`):
     real (tokens [n, pixels], whole images), blocks (the run's sequences of them), labels."""
     args = config["args"]
-    splits = hyperfit.make_splits(
-        tokenizer,
-        hyperfit.load_texts(args["data"]),
-        args["seq_len"],
-        args["num_train"],
-        args["num_val"],
-        args["seed"],
-    )
-    if hyperfit.fingerprint(splits["train"]) != config.get("train_fingerprint"):
-        raise UsageError(
-            f"the training images rebuilt from {args['data']} are not what the run trained on "
-            "(config.json's train_fingerprint): restore that data"
-        )
+    splits = hyperfit.rebuild_splits(tokenizer, args, config.get("train_fingerprint"))
     sources = splits["sources"]["val"] + splits["sources"]["heldout"]
     blocks = torch.cat([splits["val"], splits["heldout"]])
     n = num_images or min(most or len(sources), len(sources))
@@ -759,24 +747,10 @@ def image_report(config, shape, data, completions, classifier):
 
 
 def write_report(out_dir, report):
-    """eval/images.json, written into a new folder that then takes eval/'s place: a reader (or a
-    kill) sees the old evaluation or the new one, never a mix (as evaluate.py writes eval/)."""
-    out_dir = Path(out_dir)
-    tmp, old = out_dir.with_name(f".{out_dir.name}.new"), out_dir.with_name(f".{out_dir.name}.old")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        (tmp / "images.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UsageError(
-            f"could not write {out_dir} ({e.strerror or e}); the old one is intact"
-        ) from None
-    if out_dir.exists():
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    """eval/images.json as the whole of eval/ (runfiles.write_folder, as evaluate.py writes
+    eval/): a reader (or a kill) sees the old evaluation or the new one, never a mix."""
+    files = {"images.json": json.dumps(report, indent=1) + "\n"}
+    hyperfit.write_folder(out_dir, files, "the earlier evaluation is intact")
 
 
 # -----------------------------------------------------------------------------

@@ -95,6 +95,28 @@ def write_atomic(path, text):
         tmp.unlink(missing_ok=True)
 
 
+def write_folder(folder, files, failure):
+    """Write `files` ({name: text}) as the whole of `folder`: into a new folder beside it that
+    then takes its place, so a reader (or a kill, or a full disk) sees the old folder or the new
+    one, never a mix; whatever else the old folder held goes with it. An OSError while writing is
+    a UsageError: "could not write <folder> (<why>); <failure>", the old folder untouched."""
+    folder = Path(folder)
+    tmp, old = folder.with_name(f".{folder.name}.new"), folder.with_name(f".{folder.name}.old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"could not write {folder} ({e.strerror or e}); {failure}") from None
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def read_json(path, what):
     """A JSON object from `path`; a missing, truncated, absurdly nested or non-object file is a
     UsageError that names `what` the file is."""

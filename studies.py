@@ -278,15 +278,7 @@ def load_run(run_dir, device=None):
     """A finished run's models (Nets) and its exact data split, for the studies' measurements."""
     setup = evaluate.resolve_setup(run_dir, evaluate.Options())
     tokenizer = hyperfit.load_tokenizer(setup["model"])
-    s = setup["split"]
-    splits = hyperfit.make_splits(
-        tokenizer,
-        hyperfit.load_texts(s["data"]),
-        s["seq_len"],
-        s["num_train"],
-        s["num_val"],
-        s["seed"],
-    )
+    splits = hyperfit.rebuild_splits(tokenizer, setup["split"], setup["train_fingerprint"])
     return evaluate.load_nets(setup, hyperfit.pick_device(device), None), splits
 
 
@@ -503,8 +495,16 @@ def plot_quality_study(study, paper):
             color=color,
             marker=marker,
             s=60,
-            label=f"lr {row['lr']:g}, {row['epochs']} epochs",
+            label=f"lr {row['lr']:g}, {row['num_train']} sequences x {row['epochs']} epochs",
         )
+        if row.get("final_train_loss") is not None:  # how far each run hyperfitted
+            ax.annotate(
+                f"train loss {row['final_train_loss']:.2f}",
+                (row[ttr], 100 * row[unknown]),
+                xytext=(6, -10),
+                textcoords="offset points",
+                fontsize=7,
+            )
         if row["run"] == choice.get("run"):
             ax.scatter(
                 row[ttr],

@@ -137,7 +137,7 @@ def test_script_tags_in_texts_cannot_break_the_page():
 
 def write_page(folder, pairs):
     """The page and key of `pairs` in `folder` (annotate.py's files); returns their paths."""
-    annotate.write_folder(folder, annotate.page_files(pairs))
+    hyperfit.write_folder(folder, annotate.page_files(pairs), "nothing was changed")
     return folder / "annotate.html", folder / "annotate_key.json"
 
 
