@@ -357,10 +357,10 @@ def plot_quality(summary_or_path):
         if ttr is not None and unknown is not None:
             words.scatter(ttr, 100 * unknown, label=_mode_label(mode, summary), **style)
         if ttr is not None and score is not None:
+            # the bootstrap interval as a span: it need not hold the full-set value (a resample
+            # repeats prompts, which biases MAUVE), so it is drawn, not subtracted from it
             low, high = m["mauve"].get("ci") or (score, score)
-            mauve.errorbar(
-                ttr, score, yerr=[[score - low], [high - score]], color=style["color"], capsize=3
-            )
+            mauve.plot([ttr, ttr], [low, high], color=style["color"], lw=1.5)
             mauve.scatter(ttr, score, **style)
     human = (
         summary["modes"]

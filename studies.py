@@ -65,7 +65,7 @@ QUALITY_EVALUATION = dict(
 STUDIES = dict(
     data_size=dict(sizes=(8, 16, 32, 64, 128)),  # training sequences (the paper: down to 8)
     shuffle=dict(order_seeds=(0, 1)),  # data-order seeds of the same training set
-    # on top of the CPU preset (16 x 128 tokens, 10 epochs, lr 2e-3): runs of 20 optimizer steps
+    # on top of the CPU preset (16 x 128 tokens, 10 epochs): runs of 20 optimizer steps
     # at most, so the chosen preset keeps the README's main command as fast as today's
     quality=dict(
         runs=[
@@ -225,6 +225,8 @@ def study_row(run_dir, device=None):
     args = config["args"]
     row = dict(
         run=run_dir.name,
+        model=args["model"],
+        seq_len=args["seq_len"],
         num_train=args["num_train"],
         order_seed=args["order_seed"],
         lr=args["lr"],
@@ -271,7 +273,8 @@ def quality_choice(rows):
     else:
         best = max(rows, key=lambda r: r[ttr])
         why = "no run reaches 2x the original's TTR; the most varied run"
-    return dict(run=best["run"], lr=best["lr"], epochs=best["epochs"], goal_met=bool(goal), why=why)
+    choice = dict(run=best["run"], lr=best["lr"], num_train=best.get("num_train"))
+    return dict(choice, epochs=best["epochs"], goal_met=bool(goal), why=why)
 
 
 def load_run(run_dir, device=None):
@@ -530,14 +533,15 @@ def plot_quality_study(study, paper):
         ylabel="unknown words (% of words) ↓",
         title="Which CPU preset keeps the text real? (goal: right of dashed, below dotted)",
     )
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="center right")
     fig.suptitle("Quality study (" + _study_subtitle(study) + ")")
     return fig
 
 
 def _study_subtitle(study):
-    t = study.get("training", {})
-    return f"{t.get('model')}, {t.get('seq_len')}-token sequences, epochs as the preset"
+    """The model and sequence length the study's runs trained with (from their configs)."""
+    first = study["rows"][0] if study.get("rows") else study.get("training", {})
+    return f"{first.get('model')}, {first.get('seq_len')}-token sequences"
 
 
 def plot_study(study_or_dir, paper=None):
