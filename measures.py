@@ -443,10 +443,13 @@ def override_statistics(ranks):
 
 def text_words(text):
     """The words of a text as unknown_word_share counts them: the tokens of wordfreq's English
-    tokenizer (lower-cased) that hold a letter."""
+    tokenizer (lower-cased), stripped of the underscores around them, that hold a letter.
+    Project Gutenberg marks italics as _word_ or _several words_, and wordfreq's tokenizer keeps
+    an underscore as part of a word: without the strip, "_us_" would be an unknown word."""
     import wordfreq
 
-    return [token for token in wordfreq.tokenize(text, "en") if any(c.isalpha() for c in token)]
+    tokens = (token.strip("_") for token in wordfreq.tokenize(text, "en"))
+    return [token for token in tokens if any(c.isalpha() for c in token)]
 
 
 def unknown_words(text):

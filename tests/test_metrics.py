@@ -272,6 +272,18 @@ def test_unknown_words_on_hand_made_texts():
     ]
     assert measures.unknown_word_share("1851 ...") is None  # no words at all
     assert measures.unknown_word_share("He said that it was so.") == 0.0
+    # Project Gutenberg's italics: the words inside the underscores are real words
+    italics = "Tell _us_ of the _Daily Mirror_, snake_case"
+    assert measures.text_words(italics) == [
+        "tell",
+        "us",
+        "of",
+        "the",
+        "daily",
+        "mirror",
+        "snake_case",
+    ]
+    assert measures.unknown_words(italics) == ["snake_case"]
 
 
 def test_foreign_script_letters_on_hand_made_texts():
