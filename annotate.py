@@ -328,8 +328,8 @@ def _check_key(key):
     items = key.get("items") if isinstance(key, dict) else None
     if not isinstance(key, dict) or not isinstance(key.get("page_id"), str) or not items:
         raise JudgmentError(
-            "the annotation key has no page_id or no items; pass eval/annotate_key.json as "
-            "written by annotate.py"
+            "the annotation key has no page_id or no items; pass human_study/annotate_key.json "
+            "as written by annotate.py"
         )
     for item_id, item in items.items():
         if not isinstance(item, dict) or item.get("model_side") not in ("left", "right"):
@@ -388,7 +388,7 @@ def _read_judgment_file(key, path):
         raise JudgmentError(
             f"{path} was made on another annotation page (page id {data.get('page_id')}, this "
             f"run's page is {key['page_id']}); score it against the run whose "
-            "eval/annotate_key.json has that page id"
+            "human_study/annotate_key.json has that page id"
         )
     judgments = data.get("judgments")
     if not isinstance(judgments, list) or not judgments:

