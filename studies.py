@@ -91,16 +91,19 @@ ROW_METRICS = [
 ]
 
 
-def study_plan(study, sizes=None, order_seeds=None, lrs=None, epochs=None):
+def study_plan(study, training=None, sizes=None, order_seeds=None, lrs=None, epochs=None):
     """[(run name, hyperfit settings)] of a study: one run per data size, per order seed, or per
-    (learning rate, epochs)."""
+    (learning rate, size, epochs). A quality run is named by what it trains with: its settings on
+    top of the study's `training` on top of the model's preset."""
     if study == "data_size":
         return [(f"n{size}", dict(num_train=size)) for size in sizes or STUDIES[study]["sizes"]]
     if study == "shuffle":
         seeds = order_seeds or STUDIES[study]["order_seeds"]
         return [(f"order{seed}", dict(order_seed=seed)) for seed in seeds]
     if study == "quality":  # the given lists as a grid on top of the preset, else STUDIES' runs
-        preset = hyperfit.defaults_for(hyperfit.Settings.model)
+        training = training or {}
+        base = hyperfit.defaults_for(training.get("model", hyperfit.Settings.model))
+        base = dataclasses.replace(base, **{k: v for k, v in training.items() if hasattr(base, k)})
         grid = (
             [
                 dict(lr=lr, num_train=n, epochs=e)
@@ -112,7 +115,7 @@ def study_plan(study, sizes=None, order_seeds=None, lrs=None, epochs=None):
             else STUDIES[study]["runs"]
         )
         runs = [{k: v for k, v in run.items() if v is not None} for run in grid]
-        full = [dataclasses.replace(preset, **run) for run in runs]
+        full = [dataclasses.replace(base, **run) for run in runs]
         return [(f"lr{f.lr:g}-n{f.num_train}-e{f.epochs}", run) for f, run in zip(full, runs)]
     raise UsageError(f"study {study!r}: choose {', '.join(s.replace('_', '-') for s in STUDIES)}")
 
@@ -125,10 +128,10 @@ def run_study(study, out_dir=None, training=None, evaluation=None, progress=True
     sizes, order_seeds, lrs or epochs. A rerun skips finished runs and resumes interrupted ones;
     one with other settings than the study's existing runs is refused. Returns the study dict."""
     study = study.replace("-", "_")
-    runs = study_plan(study, **plan)
-    out_dir = Path(out_dir or hyperfit.absolute_path("results/studies")) / study.replace("_", "-")
     own_training, own_evaluation = study_defaults(study)
     training = dict(own_training, **(training or {}))
+    runs = study_plan(study, training, **plan)
+    out_dir = Path(out_dir or hyperfit.absolute_path("results/studies")) / study.replace("_", "-")
     evaluation = dict(own_evaluation, **(evaluation or {}))
     check_same_study(out_dir, study, training, evaluation, runs)
     rows = []
