@@ -59,7 +59,7 @@ def test_tiny_model_hyperfits_to_near_zero_loss(tiny_model_dir, tiny_data, tmp_p
     config = json.loads((run_dir / "config.json").read_text())
     assert config["args"]["lr"] == 1e-2 and config["steps_per_epoch"] == 2
     assert config["versions"]["torch"] and "git_commit" in config and config["args"]["seed"] == 0
-    # what decides the numbers beyond the settings: dtype, threads, CPU flags (README: Reliability)
+    # what decides the numbers beyond the settings: dtype, threads, CPU flags (docs/reliability.md)
     assert config["compute_dtype"] in ("float32", "bfloat16") and config["torch_threads"] >= 1
     assert isinstance(config["cpu_flags"], list) and config["cpu"]
     assert (run_dir / "adapter" / "adapter_config.json").exists()
