@@ -526,7 +526,8 @@ def plot_quality_study(study, paper):
         first.get("human.unknown_word_share"),
     )
     if original is not None and human is not None:
-        ax.axvspan(2 * original, 1.0, ymax=1, color="#e8f4e8", zorder=0)
+        # the goal's corner only: right of the TTR line and under the human text's line
+        ax.fill_between([2 * original, 1.0], 0, 100 * human, color="#e8f4e8", zorder=0)
         ax.axhline(
             100 * human, ls=":", color=plot.MODE_COLORS["human"], label="human text's unknown words"
         )
