@@ -347,10 +347,12 @@ def bench(argv):
     started, s = time.time(), settings(argv)
     hyperfit.quiet_libraries()  # no progress bars: our own lines say what is happening
     env = dict(hyperfit.environment(), torch_threads=s["threads"])
-    # the file stem: device, cores, compute dtype (an AVX512-BF16 CPU's bf16 gets its own file)
+    # the file stem: device, cores, the CPU kind, compute dtype: the two kinds of one CPU model
+    # (with and without AVX512-BF16) time differently even at fp32, so each gets its own file
     short = {name: alias for alias, name in hyperfit.DTYPE_ALIASES.items()}  # float32: fp32
     cpu = re.sub(r"@.*|\((r|tm)\)|\bcpu\b|processor", "", env["cpu"], flags=re.IGNORECASE)
     name = f"cuda-{env['gpu']}" if env["gpu"] else f"cpu-{cpu}-{len(os.sched_getaffinity(0))}cores"
+    name += "-avx512bf16" * (not env["gpu"] and "avx512_bf16" in hyperfit.cpu_flags())
     name += f"-{short[hyperfit.dtype_name(s['dtype'])]}" + "-shapes" * bool(s["shapes"])
     results = dict(machine=re.sub(r"[^a-z0-9]+", "-", name.lower() + "-quick" * s["quick"]))
     results.update(device_type=s["device"].type, compute_dtype=hyperfit.dtype_name(s["dtype"]))

@@ -46,6 +46,8 @@ def quick(tmp_path_factory):
 def test_quick_writes_every_section(quick):
     data, markdown = quick
     assert data["machine"].startswith("cpu-") and data["machine"].endswith("-fp32-quick")
+    # the CPU kind is in the name: the two kinds' fp32 results never overwrite each other
+    assert ("-avx512bf16-" in data["machine"]) == ("avx512_bf16" in hyperfit.cpu_flags())
     assert data["quick"] and data["isolation"] == "in-process"
     assert data["command"].startswith("python bench/bench.py --quick --out-dir ")
     assert data["environment"]["versions"]["torch"] == importlib.metadata.version("torch")
