@@ -101,9 +101,6 @@ def study_plan(study, training=None, sizes=None, order_seeds=None, lrs=None, epo
         seeds = order_seeds or STUDIES[study]["order_seeds"]
         return [(f"order{seed}", dict(order_seed=seed)) for seed in seeds]
     if study == "quality":  # the given lists as a grid on top of the preset, else STUDIES' runs
-        training = training or {}
-        base = hyperfit.defaults_for(training.get("model", hyperfit.Settings.model))
-        base = dataclasses.replace(base, **{k: v for k, v in training.items() if hasattr(base, k)})
         grid = (
             [
                 dict(lr=lr, num_train=n, epochs=e)
@@ -115,7 +112,7 @@ def study_plan(study, training=None, sizes=None, order_seeds=None, lrs=None, epo
             else STUDIES[study]["runs"]
         )
         runs = [{k: v for k, v in run.items() if v is not None} for run in grid]
-        full = [dataclasses.replace(base, **run) for run in runs]
+        full = [hyperfit.new_settings(dict(training or {}, **run)) for run in runs]  # as trained
         return [(f"lr{f.lr:g}-n{f.num_train}-e{f.epochs}", run) for f, run in zip(full, runs)]
     raise UsageError(f"study {study!r}: choose {', '.join(s.replace('_', '-') for s in STUDIES)}")
 
@@ -276,8 +273,14 @@ def quality_choice(rows):
     else:
         best = max(rows, key=lambda r: r[ttr])
         why = "no run reaches 2x the original's TTR; the most varied run"
-    choice = dict(run=best["run"], lr=best["lr"], num_train=best.get("num_train"))
-    return dict(choice, epochs=best["epochs"], goal_met=bool(goal), why=why)
+    return dict(
+        run=best["run"],
+        lr=best["lr"],
+        num_train=best.get("num_train"),
+        epochs=best["epochs"],
+        goal_met=bool(goal),
+        why=why,
+    )
 
 
 def load_run(run_dir, device=None):
@@ -490,11 +493,13 @@ def plot_quality_study(study, paper):
     ax = fig.subplots()
     rows, choice = study["rows"], study.get("choice", {})
     ttr, unknown = "hyperfitted_greedy.ttr_first96", "hyperfitted_greedy.unknown_word_share"
+    lrs = sorted({r["lr"] for r in rows})
+    fewest_epochs = min((r["epochs"] for r in rows), default=0)
     for row in rows:
         if row.get(ttr) is None or row.get(unknown) is None:
             continue
-        color = f"C{sorted({r['lr'] for r in rows}).index(row['lr'])}"
-        marker = "o" if row["epochs"] == min(r["epochs"] for r in rows) else "s"
+        color = f"C{lrs.index(row['lr'])}"  # a colour per learning rate, a marker per length
+        marker = "o" if row["epochs"] == fewest_epochs else "s"
         ax.scatter(
             row[ttr],
             100 * row[unknown],
