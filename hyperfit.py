@@ -627,7 +627,7 @@ def make_accelerator():
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
-    sharding = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    sharding = fsdp_launch()
     if sharding and os.environ.get("FSDP_VERSION", "1") != "2":  # accelerate's default: 1
         raise UsageError(
             "FSDP version 1 cannot shard a 4-bit base with LoRA in fp32: launch with "
@@ -640,6 +640,11 @@ def make_accelerator():
             shared["distributed_type"] = DistributedType.FSDP
         accelerator.state.fsdp_plugin = plugin
     return accelerator
+
+
+def fsdp_launch():
+    """Whether this process was launched to shard the model (configs/fsdp.yaml sets it)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
 def is_sharded(accelerator):
@@ -883,7 +888,7 @@ def quantization_config(quant, dtype):
     if quant == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     nf4 = dict(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+    if fsdp_launch():
         nf4.update(bnb_4bit_quant_storage=dtype)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, **nf4)
 
