@@ -13,8 +13,8 @@ Writes JSON only, into <run>/eval/ (replaced whole: a new evaluation appears com
 one stays): summary.json (per mode: every measure's mean and std, the sharpness table, the
 entropy-matched temperature, timings, the machine) and generations.jsonl (one record per
 continuation: its text, tokens and every per-continuation measure). `python plot.py <run>` renders
-them (table.md, paper_comparison.md, figures); `python annotate.py <run>` builds the blind page of
-the paper's human study from them. measures.py defines every measure, with its source.
+them (table.md, paper_comparison.md, figures); `python experiments/annotate.py <run>` builds the
+blind page of the paper's human study from them. measures.py defines every measure, with its source.
 
 Decoding modes (and one reference row):
     original_greedy            the model before hyperfitting, greedy
@@ -54,14 +54,16 @@ from pathlib import Path
 import torch
 
 try:
-    import hyperfit
+    import engine
+    import hyperfit as hf
     import measures
-except ModuleNotFoundError:  # pasted into a notebook after hyperfit.py's and measures.py's cells
+    import runfiles
+except ModuleNotFoundError:  # pasted into a notebook after the other files' cells: names are here
     import types
 
-    hyperfit = measures = types.SimpleNamespace(**globals())
-UsageError = hyperfit.UsageError  # bad input: one line on stderr, exit 2, nothing written
-setting = hyperfit.setting
+    engine = hf = measures = runfiles = types.SimpleNamespace(**globals())
+UsageError = hf.UsageError  # bad input: one line on stderr, exit 2, nothing written
+setting = hf.setting
 
 # -----------------------------------------------------------------------------
 # the options of an evaluation (one definition each: the command line and the Python call)
@@ -132,7 +134,7 @@ def resolve_options(given, device):
         if getattr(options, name) is None:
             setattr(options, name, values[kind])
     for name in ("num_prompts", "new_tokens", "sharpness_seqs", "batch_size", "block_ngrams"):
-        hyperfit.check_positive_int(name, getattr(options, name))
+        runfiles.check_positive_int(name, getattr(options, name))
     o = options
     if not 0 < o.top_p <= 1 or not o.temperature > 0 or isinstance(o.top_k, bool) or o.top_k < 0:
         raise UsageError(
@@ -235,7 +237,7 @@ def entropy_matched_temperature(
     tolerance=ENTROPY_SEARCH_TOLERANCE,
 ):
     """The temperature T at which `net`'s mean predictive entropy on `ids` (the quantity of
-    hyperfit.token_statistics) equals `target_entropy` (the follow-up paper's control). The
+    engine.token_statistics) equals `target_entropy` (the follow-up paper's control). The
     entropy of softmax(z / T) grows monotonically with T (dH/dT = Var_p(z) / T^3), so bisection
     on T finds it; the upper end of the bracket doubles until it is above the target (up to
     T = 64). The logits are computed once when they fit in LOGIT_CACHE_BYTES, else the model runs
@@ -271,7 +273,7 @@ def entropy_matched_temperature(
 def mean_entropy(net, ids, cache, temperature, batch_size):
     """Mean predictive entropy (nats) at `temperature`, from cached logits when there are some."""
     if cache is None:
-        return hyperfit.token_statistics(net, ids, batch_size, temperature=temperature)["entropy"]
+        return engine.token_statistics(net, ids, batch_size, temperature=temperature)["entropy"]
     total = count = 0
     for logits in cache:
         logp = torch.log_softmax(logits / temperature, dim=-1)
@@ -303,7 +305,7 @@ def score_continuations(net, prompt_ids, continuation_ids, batch_size=SCORE_BATC
 
 
 class OwnTokenScores:
-    """A generation observer (hyperfit.generate's `observer`): from the raw logits of each step it
+    """A generation observer (engine.generate's `observer`): from the raw logits of each step it
     keeps, for every row, the log-probability and the rank of the token the row takes, so the
     original model's view of its own continuations (score_continuations' two numbers) comes from
     the pass that generated them, not a second one. Equal to score_continuations up to float
@@ -348,12 +350,12 @@ def resolve_setup(run_dir, options):
                 "give a run folder (RUN_DIR) to evaluate a hyperfitted model, or "
                 "--model to evaluate an original model alone"
             )
-        defaults = hyperfit.defaults_for(options.model)
+        defaults = hf.defaults_for(options.model)
         split = {**{k: getattr(defaults, k) for k in (*SPLIT, "seed")}, **split}
-        split["data"] = hyperfit.portable_path(options.data) if options.data else split["data"]
+        split["data"] = runfiles.portable_path(options.data) if options.data else split["data"]
         settings = dataclasses.replace(defaults, **{k: v for k, v in split.items()}, run_name="x")
-        hyperfit.check_settings(dataclasses.replace(settings, num_prompts=1))
-        name = f"{hyperfit.default_run_name(options.model)}-original"
+        hf.check_settings(dataclasses.replace(settings, num_prompts=1))
+        name = f"{hf.default_run_name(options.model)}-original"
         return dict(
             run_name=name,
             model=options.model,
@@ -370,7 +372,7 @@ def resolve_setup(run_dir, options):
             f"folder: {run_dir} is evaluated on its own data split"
         )
     run, what = Path(run_dir), "pass a run folder written by hyperfit.py (results/<run-name>)"
-    config = hyperfit.read_json(run / "config.json", what)
+    config = runfiles.read_json(run / "config.json", what)
     args = config.get("args")
     if not isinstance(args, dict) or any(k not in args for k in ("model", "quant", "seed", *SPLIT)):
         raise UsageError(f'{run}/config.json has no complete "args": {what}')
@@ -381,7 +383,7 @@ def resolve_setup(run_dir, options):
             f"python hyperfit.py --run-name {run.name} --out-dir {run.parent} --resume,"
             " or pass --model alone to evaluate the original model"
         )
-    hyperfit.read_json(
+    runfiles.read_json(
         adapter / "adapter_config.json", "the run's adapter is damaged; redo the run"
     )
     if options.model is not None and options.model != args["model"]:
@@ -408,7 +410,7 @@ def load_eval_data(tokenizer, setup, options):
     of each prompt (the next new_tokens tokens of its text; fewer where its text ends), and the
     validation sequences of the sharpness table."""
     s, o = setup["split"], options
-    splits = hyperfit.rebuild_splits(tokenizer, s, setup["train_fingerprint"])
+    splits = hf.rebuild_splits(tokenizer, s, setup["train_fingerprint"])
     held_out = torch.cat([splits["val"], splits["heldout"]])
     if o.num_prompts > len(held_out):
         raise UsageError(
@@ -422,7 +424,7 @@ def load_eval_data(tokenizer, setup, options):
             f"({s['seq_len']} tokens); choose at most {s['seq_len']} (the paper: 5)"
         )
     sources = (splits["sources"]["val"] + splits["sources"]["heldout"])[: o.num_prompts]
-    text_in_prompt = s["prompt_len"] - len(hyperfit.bos_prefix(tokenizer))
+    text_in_prompt = s["prompt_len"] - len(hf.bos_prefix(tokenizer))
     human = [
         splits["documents"][name][offset + text_in_prompt :][: o.new_tokens]
         for name, offset in sources
@@ -450,9 +452,9 @@ class Nets:
         self.net = None if dense else net
         self.dense = {}
         if dense:
-            self.dense["hyperfitted"] = hyperfit.dense_copy(net) if has_adapter else None
+            self.dense["hyperfitted"] = engine.dense_copy(net) if has_adapter else None
             with net.disable_adapter() if has_adapter else contextlib.nullcontext():
-                self.dense["original"] = hyperfit.dense_copy(net)
+                self.dense["original"] = engine.dense_copy(net)
 
     @contextlib.contextmanager
     def use(self, which):
@@ -472,7 +474,7 @@ class Nets:
 
 def load_nets(setup, device, dense):
     """Load the run's base model and adapter once; `dense` None means: dense copies on a CPU."""
-    net, _ = hyperfit.load_model(
+    net, _ = hf.load_model(
         setup["model"],
         setup["quant"],
         adapter=setup["adapter"],
@@ -480,7 +482,7 @@ def load_nets(setup, device, dense):
         dtype=setup["dtype"],
     )
     net.eval()
-    dense = (hyperfit.pick_device(device).type == "cpu") if dense is None else dense
+    dense = (runfiles.pick_device(device).type == "cpu") if dense is None else dense
     return Nets(net, setup["adapter"] is not None, dense)
 
 
@@ -494,7 +496,7 @@ def measure_sharpness(nets, data, modes):
     sharpness, top1 = {}, {}
     for which in ("original", "hyperfitted") if nets.has_adapter else ("original",):
         with nets.use(which) as net:
-            stats = hyperfit.token_statistics(net, data["sharpness"], SCORE_BATCH_SIZE, top1=True)
+            stats = engine.token_statistics(net, data["sharpness"], SCORE_BATCH_SIZE, top1=True)
         top1[which] = stats.pop("top1_ids")
         sharpness[which] = stats
     if nets.has_adapter:
@@ -526,7 +528,7 @@ class RowSampler:
         self.warpers = [TemperatureLogitsWarper(temperature)]
         self.warpers += [TopKLogitsWarper(top_k)] if top_k else []
         self.warpers += [TopPLogitsWarper(top_p)] if top_p < 1 else []
-        self.generator = torch.Generator().manual_seed(seed % hyperfit.SEED_LIMIT)
+        self.generator = torch.Generator().manual_seed(seed % hf.SEED_LIMIT)
 
     def __call__(self, input_ids, scores):
         part = scores[self.rows.start : self.rows.stop]  # a view: edits reach `scores`
@@ -583,7 +585,7 @@ def generate_modes(nets, data, modes, options, matched, progress):
             desc = f"{which}: {', '.join(group)}" if progress else None
             observer = OwnTokenScores()  # each model's view of its own tokens, read while writing
             with nets.use(which) as net:
-                out = hyperfit.generate(
+                out = engine.generate(
                     net,
                     prompts[[i for _, i in chunk]],
                     new_tokens,
@@ -700,13 +702,14 @@ def evaluate(run_dir=None, progress=True, **options):
     summary dict. `options`: any field of Options by name (`python evaluate.py --help`). Raises
     UsageError on bad input, before anything is written."""
     started = time.time()
-    device = hyperfit.pick_device(options.get("device"))
+    device = runfiles.pick_device(options.get("device"))
     options = resolve_options(options, device)
     modes = check_modes(options.modes, run_dir is not None)
     setup = resolve_setup(run_dir, options)
     out_dir = check_out_dir(setup, options.out_dir)
-    hyperfit.check_context(setup["model"], setup["split"]["prompt_len"] + options.new_tokens)
-    tokenizer = hyperfit.load_tokenizer(setup["model"])
+    length, model = setup["split"]["prompt_len"] + options.new_tokens, setup["model"]
+    runfiles.check_context(hf.resolve_model_source(model), model, length)
+    tokenizer = hf.load_tokenizer(setup["model"])
     data = load_eval_data(tokenizer, setup, options)
     with run_lock(setup, out_dir):
         summary, records = run_evaluation(setup, data, modes, options, tokenizer, device, progress)
@@ -723,7 +726,7 @@ def check_out_dir(setup, out_dir):
     default = (
         Path(run) / "eval"
         if run
-        else Path(hyperfit.absolute_path(hyperfit.Settings.out_dir)) / setup["run_name"] / "eval"
+        else Path(runfiles.absolute_path(hf.Settings.out_dir)) / setup["run_name"] / "eval"
     )
     out_dir = Path(out_dir).expanduser().resolve() if out_dir else default.resolve()
     earlier = {"summary.json", "generations.jsonl"} & {p.name for p in out_dir.glob("*")}
@@ -733,7 +736,7 @@ def check_out_dir(setup, out_dir):
             "folder: an evaluation replaces its folder whole; choose a new folder"
         )
     for folder in [out_dir, *out_dir.parents]:
-        if (folder / "config.json").exists() and hyperfit.is_run_folder(folder):
+        if (folder / "config.json").exists() and runfiles.is_run_folder(folder):
             if run is None or folder != Path(run).resolve():
                 raise UsageError(
                     f"--out-dir {out_dir} lies inside the run {folder}: evaluate "
@@ -752,7 +755,7 @@ def run_lock(setup, out_dir):
     second evaluation, is refused); an --out-dir elsewhere is locked itself."""
     run = setup["run_dir"]
     inside = run is not None and out_dir.is_relative_to(Path(run).resolve())
-    return hyperfit.RunLock(
+    return runfiles.RunLock(
         run if inside else out_dir.parent / f".{out_dir.name}",
         "evaluate.py " + " ".join(sys.argv[1:]),
     )
@@ -782,14 +785,14 @@ def run_evaluation(setup, data, modes, options, tokenizer, device, progress):
         dataclasses.asdict(options), modes=modes, device=str(device), dense=nets.net is None
     )
     args.update(
-        run_dir=setup["run_dir"] and hyperfit.portable_path(setup["run_dir"]),
+        run_dir=setup["run_dir"] and runfiles.portable_path(setup["run_dir"]),
         model=setup["model"],
         quant=setup["quant"],
         dtype=setup["dtype"],
         out_dir=None,
         split=dict(
             setup["split"],
-            data=hyperfit.portable_path(hyperfit.absolute_path(setup["split"]["data"])),
+            data=runfiles.portable_path(runfiles.absolute_path(setup["split"]["data"])),
         ),
     )
     for name in SPLIT:  # a run's split is args["split"]; the options' copy would only repeat it
@@ -805,7 +808,7 @@ def run_evaluation(setup, data, modes, options, tokenizer, device, progress):
         sharpness=sharpness,
         entropy_matched_temperature=matched,
         timing_s={k: round(v, 1) for k, v in timing.items()},
-        environment=hyperfit.environment(),
+        environment=runfiles.environment(),
     )
     return summary, records
 
@@ -814,13 +817,13 @@ def write_evaluation(out_dir, summary, records):
     """summary.json and generations.jsonl as the whole of `out_dir` (runfiles.write_folder): a
     reader sees the old evaluation or the new one, never a mix; whatever else the old folder held
     (figures, tables made from it) goes with it."""
-    summary["args"]["out_dir"] = hyperfit.portable_path(out_dir)
+    summary["args"]["out_dir"] = runfiles.portable_path(out_dir)
     files = {
         "generations.jsonl": "".join(json.dumps(r) + "\n" for r in records),
         "summary.json": json.dumps(summary, indent=2) + "\n",
     }
     failure = "the earlier evaluation is intact: free some space and run it again"
-    hyperfit.write_folder(out_dir, files, failure)
+    runfiles.write_folder(out_dir, files, failure)
 
 
 def command_line(args):
@@ -852,14 +855,14 @@ def command_line(args):
 
 
 def build_parser():
-    p = hyperfit.Parser(
+    p = runfiles.Parser(
         description="Generate continuations of held-out prompts with the original and the "
         "hyperfitted model and measure them as the paper does: RUN_DIR/eval/summary.json and "
         "generations.jsonl (plot.py renders them; annotate.py builds the human study's page).",
         epilog=f"modes: {', '.join(MODES)} (without RUN_DIR: {', '.join(ORIGINAL_ONLY_MODES)})",
     )
     p.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help="a run folder of hyperfit.py")
-    hyperfit.add_arguments(p, Options, lambda field: field.metadata["help"])
+    runfiles.add_arguments(p, Options)
     return p
 
 

@@ -72,16 +72,10 @@ from pathlib import Path
 
 import numpy as np
 
-try:
-    import hyperfit
-except ModuleNotFoundError:  # pasted into a notebook after hyperfit.py's cell: use its names
-    import types
-
-    hyperfit = types.SimpleNamespace(**globals())
-
 TABLE_TOKENS = 96  # the paper's diversity table scores 96-token continuations
 VALIDATION_TOKENS = 224  # the official validation generates 224 new tokens, TTR over the last 96
-TTR_WINDOW, TTR_STRIDE = hyperfit.TTR_WINDOW, 8  # sliding-window TTR along the continuation
+TTR_WINDOW = 96  # the paper's TTR: unique / total tokens over the last 96 generated tokens
+TTR_STRIDE = 8  # the sliding-window TTR along a continuation moves 8 tokens at a time
 LOOP_MAX_PERIOD, LOOP_MIN_TOKENS = 64, 16  # see ends_in_loop
 OVERLAP_TOKENS = 10  # "shares more than 10 tokens with the training data"
 BLEU_ORDER, BLEU_SMOOTH, BLEU_SMOOTH_VALUE = 4, "floor", 0.1
@@ -129,6 +123,12 @@ MAUVE_BOOTSTRAP = 100  # resamples of the prompts for MAUVE's interval
 # repetition within one continuation (lists of token ids)
 
 
+def type_token_ratio(ids, last=None):
+    """Unique tokens / tokens, over the last `last` tokens if given (the paper uses the last 96)."""
+    ids = list(ids)[-last:] if last else list(ids)
+    return len(set(ids)) / len(ids) if ids else float("nan")
+
+
 def ttr_windows(ids, window=TTR_WINDOW, stride=TTR_STRIDE):
     """TTR of sliding windows of `window` tokens ending at positions window, window + stride, ...
     <= len(ids) (the paper's Figure 9). A sequence shorter than `window` gives one window over all
@@ -136,12 +136,12 @@ def ttr_windows(ids, window=TTR_WINDOW, stride=TTR_STRIDE):
     ids = list(ids)
     window = min(window, len(ids))
     positions = list(range(window, len(ids) + 1, stride)) if window else []
-    return positions, [hyperfit.type_token_ratio(ids[end - window : end]) for end in positions]
+    return positions, [type_token_ratio(ids[end - window : end]) for end in positions]
 
 
 def ttr_of_window(ids, first, last):
     """TTR of tokens first..last (1-based, inclusive); None when the sequence is shorter."""
-    return hyperfit.type_token_ratio(ids[first - 1 : last]) if len(ids) >= last else None
+    return type_token_ratio(ids[first - 1 : last]) if len(ids) >= last else None
 
 
 def ngrams(ids, n):
@@ -383,7 +383,8 @@ def words(text):
     word tokenizer), with Punkt's English parameters from the kit's data/nltk_data."""
     import nltk
 
-    folder = str(Path(hyperfit.repo_root()) / NLTK_DATA)
+    kit = Path(globals().get("__file__", "pasted")).resolve().parent  # pasted: the working folder
+    folder = str(kit / NLTK_DATA)
     if folder not in nltk.data.path:
         nltk.data.path.insert(0, folder)
     return nltk.word_tokenize(text)
@@ -546,8 +547,8 @@ def measure_mode(mode, data, rows, index, tokenizer, scores):
             ttr_first96=ttr_of_window(ids, 1, TABLE_TOKENS),
             **first96[i],
             ttr_last96_of_224=ttr_of_window(ids, *window),
-            ttr_last96=hyperfit.type_token_ratio(ids, last=TTR_WINDOW),
-            ttr=hyperfit.type_token_ratio(ids),
+            ttr_last96=type_token_ratio(ids, last=TTR_WINDOW),
+            ttr=type_token_ratio(ids),
         )
         record.update({f"token_rep_{n}": token_rep_n(ids, n) for n in SIMCTG_ORDERS})
         record.update(

@@ -852,7 +852,7 @@ def paper_comparison(summary, records, paper):
     lines += [
         "",
         f"Human preference ({paper['human_preference']['definition']}): {preference}. This "
-        "run's: `python annotate.py <run>` builds the blind page; its scores land in "
+        "run's: `python experiments/annotate.py <run>` builds the blind page; its scores land in "
         "`human_study/preference.md`.",
         "",
     ]
@@ -911,7 +911,8 @@ EVAL_LINKS = [
     (
         "human_study/annotate.html",
         "The blind A/B page of the paper's human study (open it from "
-        "disk; score the downloaded files with `python annotate.py <run> --judgments <files>`)",
+        "disk; score the downloaded files with "
+        "`python experiments/annotate.py <run> --judgments <files>`)",
     ),
     ("human_study/preference.md", "The human study's scores"),
 ]
@@ -970,7 +971,7 @@ def run_report(run, human_study):
     if not human_study and (run / "human_study").exists():
         lines += [
             "human_study/ was built from an earlier evaluation: rebuild its page with "
-            "`python annotate.py <run> --overwrite`.",
+            "`python experiments/annotate.py <run> --overwrite`.",
             "",
         ]
     lines += image_section(run) if (run / "eval" / "images.json").exists() else []
@@ -1046,7 +1047,9 @@ def current_human_study(run):
     )
     if not key_path.exists() or not generations.exists():
         return None
-    key = _read_json(key_path, "rebuild the page with python annotate.py RUN --overwrite")
+    key = _read_json(
+        key_path, "rebuild the page with python experiments/annotate.py RUN --overwrite"
+    )
     digest = hashlib.sha256(generations.read_bytes()).hexdigest()[:16]
     return key if key.get("evaluation") == digest and isinstance(key.get("page_id"), str) else None
 
@@ -1057,7 +1060,10 @@ def _problem(run):
     if not run.is_dir():
         return f"{run} is not a folder — pass a run folder (results/<run>) written by hyperfit.py"
     if (run / "study.json").exists():
-        return f"{run} is a study: python studies.py <study> draws it (and reruns nothing finished)"
+        return (
+            f"{run} is a study: python experiments/studies.py <study> draws it (and reruns "
+            "nothing finished)"
+        )
     if not (run / "metrics.jsonl").exists():
         return f"{run} has no metrics.jsonl — run hyperfit.py first or pass a run folder"
     with warnings.catch_warnings():
@@ -1069,7 +1075,9 @@ def _problem(run):
         if (run / "eval" / "summary.json").exists():
             _load_summary(run / "eval" / "summary.json")
         if (run / "eval" / "images.json").exists():
-            _read_json(run / "eval" / "images.json", "rerun python images.py --evaluate <run>")
+            _read_json(
+                run / "eval" / "images.json", "rerun python experiments/images.py --evaluate <run>"
+            )
     except PlotInputError as e:
         return str(e)
     return None

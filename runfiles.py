@@ -13,12 +13,19 @@ hyperfit.py's) it only defines its names.
 
 import argparse
 import contextlib
+import dataclasses
 import errno
+import hashlib
+import importlib.metadata
 import json
+import logging
 import os
 import random
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -27,6 +34,8 @@ import torch
 
 LOCK_FILE = ".lock"  # inside a run folder: held while a run (or an evaluation) writes to it
 MIN_FREE_BYTES = 200 * 2**20  # refuse to start a run with less free disk under its folder
+DTYPES = dict(float32=torch.float32, bfloat16=torch.bfloat16, float16=torch.float16)
+DTYPE_ALIASES = dict(fp32="float32", bf16="bfloat16", fp16="float16", auto="auto")
 
 
 class UsageError(ValueError):
@@ -381,3 +390,419 @@ def load_checkpoint(folder, net, optimizer, scaler):
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     return state
+
+
+# -----------------------------------------------------------------------------
+# devices, compute dtypes, the machine, the libraries' noise
+
+
+def is_main_process():
+    """Is this the main process of a (possibly distributed) launch? accelerate's launcher sets
+    RANK for every process it starts."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def pick_device(device=None):
+    """The torch.device to use: `device` ("cpu", "cuda", "cuda:N"), or the GPU if there is one."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        chosen = None
+    if chosen is None or chosen.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device}: choose cpu or cuda")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        build = f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+        raise UsageError(
+            f"--device {device}: no CUDA GPU is visible here ({build}); use --device cpu"
+        )
+    return chosen
+
+
+def cpu_info():
+    """(the CPU's model name, its instruction-set flags that decide speed and numbers here)."""
+    fields = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+    flags = fields.get("flags", "").split()
+    return fields.get("model name") or "unknown", [flag for flag in wanted if flag in flags]
+
+
+def cpu_flags():
+    return cpu_info()[1]
+
+
+def dtype_choice(name):
+    """The canonical name of a compute-dtype choice ("auto" or a key of DTYPES), else None."""
+    name = DTYPE_ALIASES.get(name, name)
+    return name if name in DTYPES or name == "auto" else None
+
+
+def compute_dtype(device, dtype="auto"):
+    """The dtype the model computes in. `dtype` forces it ("float32", "bfloat16", "float16");
+    "auto" (or None) takes $HYPERFIT_DTYPE if set, else bf16 where the device computes it
+    natively (GPUs from Ampere on; CPUs with AVX512-BF16 or AMX), fp16 on older GPUs (Kaggle's
+    and Colab's T4/P100), fp32 on other CPUs, where a bf16 matmul is ~16x slower (measured)."""
+    name = dtype_choice(dtype or "auto")
+    if name is None:
+        raise UsageError(f"--dtype {dtype}: choose auto, float32, bfloat16 or float16")
+    if name == "auto" and "HYPERFIT_DTYPE" in os.environ:
+        name = dtype_choice(os.environ["HYPERFIT_DTYPE"])
+        if name is None:
+            value = os.environ["HYPERFIT_DTYPE"]
+            raise UsageError(f"HYPERFIT_DTYPE={value}: choose auto, float32, bfloat16 or float16")
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & set(cpu_flags()) else torch.float32
+
+
+def dtype_name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def net_dtype(net):
+    """The compute dtype of a loaded net (its embedding's dtype: quantized layers compute in it)."""
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    return base.get_input_embeddings().weight.dtype
+
+
+def environment():
+    """What decides a run's numbers besides its settings, recorded in config.json: package
+    versions, git commit, torch threads, the CPU and its flags, the GPU."""
+    versions = {}
+    for package in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[package] = importlib.metadata.version(package)
+    commit = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        git = ["git", "rev-parse", "HEAD"]
+        commit = subprocess.run(git, cwd=repo_root(), capture_output=True, text=True, timeout=10)
+        commit = commit.stdout.strip() or None
+    cpu, flags = cpu_info()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    machine = dict(torch_threads=torch.get_num_threads(), cpu=cpu, cpu_flags=flags, gpu=gpu)
+    return dict(versions=versions, python=sys.version.split()[0], git_commit=commit, **machine)
+
+
+def quiet_libraries():
+    """Keep the libraries' own noise off stderr, where the kit's one-line errors go: bitsandbytes
+    warns at import on AVX512-BF16 CPUs, transformers about deprecations inside peft."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers|peft")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=".*pickle protocol.*")  # a refused .bin says why
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()  # the kit's own bars say what is happening
+
+
+# -----------------------------------------------------------------------------
+# a run in progress: resume, config.json, messages, signals
+
+
+def restore(run):
+    """Continue `run` from its folder's checkpoint: weights, optimizer, loss scaler, RNG states,
+    step and loss sums. Returns an FSDP checkpoint's optimizer state (to load after prepare)."""
+    state = load_checkpoint(latest_checkpoint(run.run_dir), run.net, run.optimizer, run.scaler)
+    run.step, run.loss_sum, run.loss_count = state["step"], state["loss_sum"], state["loss_count"]
+    run.elapsed_before = state["elapsed_s"]
+    if run.step > run.total_steps:
+        raise UsageError(
+            f"--epochs {run.settings.epochs}: {run.run_dir} is already at step "
+            f"{run.step} (epoch {run.step / run.steps_per_epoch:g})"
+        )
+    return state["optimizer"] if state.get("full_optimizer") else None
+
+
+def start_run_folder(run, overwrite, changes, previous):
+    """Set up the (locked) run folder: an --overwrite clears it, a resume (`previous`: its old
+    config) trims the records written after its checkpoint, and config.json is (re)written."""
+    if overwrite:
+        clear_run_dir(run.run_dir)
+    for name in ("metrics.jsonl", "samples.jsonl") if previous else ():
+        kept = [r for r in read_jsonl(run.run_dir / name) if r.get("step", 0) <= run.step]
+        write_atomic(run.run_dir / name, "".join(json.dumps(r) + "\n" for r in kept))
+    write_config(run, changes, previous)
+    processes, micro = run.accelerator.num_processes, run.micro_batch_size
+    if processes > 1 or micro < run.settings.batch_size:
+        batch = run.settings.batch_size
+        print(
+            f"global batch {batch} = {processes} processes x micro-batches of {micro}", flush=True
+        )
+
+
+def write_config(run, changes, previous):
+    """config.json: the settings and everything else that decides the run's numbers; a resumed
+    run appends what it changed to `resumed`."""
+    resumed = list(previous.get("resumed", [])) if previous else []
+    if previous is not None:
+        now = time.strftime("%Y-%m-%d %H:%M:%S")
+        resumed.append(dict(at_step=run.step, changed=changes, time=now))
+    world, micro = run.accelerator.num_processes, run.micro_batch_size
+    trainable = sum(p.numel() for p in run.unwrapped.parameters() if p.requires_grad)
+    config = dict(run_name=run.settings.run_name, args=dataclasses.asdict(run.settings))
+    config.update(steps_per_epoch=run.steps_per_epoch, total_steps=run.total_steps)
+    config.update(processes=world, micro_batch_size=micro)
+    config.update(gradient_accumulation=run.settings.batch_size // (world * micro))
+    config.update(
+        trainable_parameters=trainable, compute_dtype=dtype_name(net_dtype(run.unwrapped))
+    )
+    config.update(device=str(run.accelerator.device), train_fingerprint=fingerprint(run.train_ids))
+    config.update(**environment(), resumed=resumed)
+    write_atomic(run.run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+
+
+def resume_command(run):
+    s = run.settings
+    return f"python hyperfit.py --run-name {s.run_name} --out-dir {s.out_dir} --resume"
+
+
+def numerical_message(run, error):
+    """NumericalError's one line: what happened, what was kept, and the way out."""
+    where = f"{error} at step {run.step + 1}"
+    if latest_checkpoint(run.run_dir) is None:
+        return (
+            f"{where}; no checkpoint was saved before it: start again with a lower --lr and "
+            "--overwrite"
+        )
+    return (
+        f"{where}; nothing of that step was saved, the last checkpoint is kept: resume from "
+        f"it with a lower learning rate: {resume_command(run)} --lr {run.settings.lr / 10:g}"
+    )
+
+
+def describe_settings(settings, run_dir, changes):
+    """The resolved settings, printed at the start of every run (what the run will really do)."""
+    values = dataclasses.asdict(settings)
+    shown = ", ".join(f"{k}={v}" for k, v in values.items() if k not in ("run_name", "out_dir"))
+    lines = [f"hyperfit: {run_dir}", f"  settings: {shown}"]
+    if changes:
+        changed = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items())
+        lines.append(f"  changed on resume: {changed}")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def progress_bar(run, progress):
+    """A tqdm bar over the run's steps (main process), at run.bar while the loop runs."""
+    from tqdm.auto import tqdm
+
+    shown, name = progress and run.is_main(), run.settings.run_name
+    with tqdm(total=run.total_steps, initial=run.step, desc=name, disable=not shown) as run.bar:
+        yield run.bar
+
+
+class StopRequest:
+    """SIGINT/SIGTERM as a request: the run finishes its step, saves a checkpoint and stops with
+    RunInterrupted; a second Ctrl-C aborts at once (KeyboardInterrupt). The previous handlers
+    come back on exit. Outside the main thread (no signals there) it does nothing."""
+
+    def __init__(self):
+        self.requested, self.previous = False, {}
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # not the main thread
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self)
+        return self
+
+    def __call__(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: the user really wants out now
+            raise KeyboardInterrupt
+        self.requested = True
+        message = "stopping after this step (Ctrl-C again to abort without saving)..."
+        print(f"\n{message}", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+# -----------------------------------------------------------------------------
+# settings -> command line
+
+
+def check_limits(field, value):
+    """A setting's value within the limits of its own definition (its metadata `least` and
+    `below`, a power of two; None allowed where the default is None), else a UsageError."""
+    least, below = field.metadata.get("least"), field.metadata.get("below")
+    if least is None or (value is None and field.default is None):
+        return
+    wrong = isinstance(value, bool) or not isinstance(value, int) or value < least
+    if wrong or (below is not None and value >= below):
+        wanted = "a positive integer" if least == 1 else f"an integer of at least {least}"
+        if below is not None:
+            wanted = f"an integer in [{least}, 2**{below.bit_length() - 1})"
+        raise UsageError(f"--{field.name.replace('_', '-')} must be {wanted}, got {value}")
+
+
+def check_positive_int(name, value, optional=False):
+    """A count must be a positive integer (None allowed where `optional`); else a UsageError."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def add_arguments(parser, settings_class, defaults=None, preset=()):
+    """One option per field of the dataclass `settings_class`: --field-name, typed by the field's
+    annotation (a bool is --name/--no-name), None when not given (so the defaults stay the
+    dataclass's and the presets'); its help text is option_help's."""
+    for field in dataclasses.fields(settings_class):
+        flag, text = "--" + field.name.replace("_", "-"), option_help(field, defaults, preset)
+        if field.type is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        else:
+            parser.add_argument(flag, type=field.type, metavar=field.name.upper(), help=text)
+
+
+def option_help(field, defaults=None, preset=()):
+    """--help's text of a setting: what it does; given `defaults` (what a run given nothing gets),
+    its default there ("for <model>" where the `preset` sets it) and the paper's protocol."""
+    if defaults is None:
+        return field.metadata["help"]
+    default = getattr(defaults, field.name)
+    where = f" for {defaults.model}" if field.name in preset else ""
+    default = "" if default is None else f" (default: {default}{where}"
+    paper = f"; paper protocol: {field.default}" if field.metadata.get("paper") else ""
+    return f"{field.metadata['help']}{default}{paper}{')' if default else ''}"
+
+
+# -----------------------------------------------------------------------------
+# model files: loading errors, context length, adapters, quantization
+
+
+def load_error(source, error):
+    """The one-line UsageError for a model, tokenizer or config that could not be loaded."""
+    reason = f"{error.__class__.__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+    if os.path.isdir(source):
+        return UsageError(f"{source}: could not load it ({reason}); check the folder's files")
+    return UsageError(
+        f"could not load {source} from the Hugging Face hub ({reason}); check the "
+        "network and your HF token, or pass a local model folder to --model"
+    )
+
+
+def check_context(source, model, *lengths):
+    """Refuse sequences longer than the context of `model` (loaded from `source`: its position
+    embeddings) before any work: --seq-len, prompt + new tokens. Reads its config only."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source).get_text_config()
+    except Exception as e:  # a missing or damaged config, the network
+        raise load_error(source, e) from None
+    most = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if most is not None and max(lengths) > most:
+        raise UsageError(
+            f"{max(lengths)} tokens (--seq-len, or prompt + new tokens) exceed the "
+            f"{most} positions of {model}; ask for fewer"
+        )
+
+
+def attach_adapter(net, adapter):
+    """`net` with the LoRA adapter folder `adapter` attached (frozen); a missing weights file, a
+    pickle or an adapter made for another model is a UsageError."""
+    from peft import PeftModel
+
+    weights = ("adapter_model.safetensors", "adapter_model.bin")
+    if not any((Path(adapter) / name).is_file() for name in weights):
+        raise UsageError(f"{adapter} has no adapter_model.safetensors: finish or redo the run")
+    try:
+        return PeftModel.from_pretrained(net, adapter, is_trainable=False)
+    except Exception as e:  # a size mismatch, a refused pickle, a damaged file: never a traceback
+        reason = f"{e.__class__.__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        raise UsageError(
+            f"{adapter} does not load onto {net.config._name_or_path} ({reason}); it "
+            "was made for another model, or is damaged: redo the run"
+        ) from None
+
+
+def load_hub_texts(dataset):
+    """(name, text) pairs of the "text" rows of a Hugging Face dataset's train split."""
+    try:
+        from datasets import load_dataset
+
+        rows = enumerate(load_dataset(dataset, split="train"))
+    except Exception as e:  # not installed, the network, no such dataset
+        raise UsageError(
+            f"could not load hf:{dataset} ({e.__class__.__name__}); pass a local file"
+        ) from None
+    texts = [(f"hf:{dataset}#{i}", row.get("text")) for i, row in rows]
+    return [(name, text) for name, text in texts if isinstance(text, str)]
+
+
+def read_text_file(file):
+    """(name, text) pairs of one .txt file (one text) or .jsonl file (a "text" string per line)."""
+    try:
+        raw = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(
+            f"--data: cannot read {file} as UTF-8 text ({e.__class__.__name__})"
+        ) from None
+    if file.suffix != ".jsonl":
+        return [(file.name, raw)]
+    texts = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        text = None
+        with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError, RecursionError):
+            text = json.loads(line)["text"] if line.strip() else ""  # a blank line: no text
+        if not isinstance(text, str):
+            raise UsageError(
+                f'--data: {file} line {number} is not a JSON object with a "text" string'
+            )
+        texts.append((f"{file.name}:{number}", text))
+    return texts
+
+
+def micro_batch_size(settings, processes):
+    """Sequences per forward pass per process; the global batch must split evenly."""
+    batch = settings.batch_size
+    micro = settings.micro_batch_size or batch // processes
+    if micro < 1 or batch % (processes * micro):
+        raise UsageError(
+            f"global batch {batch} cannot be split over {processes} processes in "
+            f"micro-batches of {micro}; choose --batch-size a multiple of {processes} "
+            "(or set --micro-batch-size)"
+        )
+    return micro
+
+
+def resumed_settings(run_dir, given, defaults_for, resumable):
+    """The settings of the run in `run_dir` (its config.json, on top of defaults_for(its model))
+    with the changes --resume may make (the names in `resumable`); any other given value that
+    differs from the run's is refused. Returns (settings, changes = {name: [old, new]}, config)."""
+    what = "it is damaged: start the run again with --overwrite"
+    config = read_json(Path(run_dir) / "config.json", what)
+    args = config.get("args")
+    if not isinstance(args, dict) or not {"model", "data", "seed", "seq_len"} <= set(args):
+        raise UsageError(f'{run_dir}/config.json has no complete "args": {what}')
+    settings, changes = defaults_for(args["model"]), {}
+    own = {k: v for k, v in args.items() if k in {f.name for f in dataclasses.fields(settings)}}
+    settings = dataclasses.replace(settings, **own)
+    for name, value in given.items():
+        value = portable_path(value) if name == "data" and value is not None else value
+        if value is None or name in ("run_name", "out_dir") or value == getattr(settings, name):
+            continue  # run_name and out_dir found the folder
+        flag, own = name.replace("_", "-"), getattr(settings, name)
+        if name not in resumable:
+            raise UsageError(
+                f"--{flag} {value}: a resumed run keeps its own {flag} ({own}); drop "
+                f"--{flag}, or start a new run with another --run-name"
+            )
+        changes[name] = [own, value]
+    settings = dataclasses.replace(settings, **{k: new for k, (_, new) in changes.items()})
+    return settings, changes, config
+
+
+def fingerprint(ids):
+    """A short hash of a token tensor, so a resume or an evaluation can check it rebuilt the same
+    training set."""
+    return hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]

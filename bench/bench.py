@@ -34,9 +34,11 @@ ROOT = Path(__file__).resolve().parents[1] if "__file__" in globals() else Path.
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the kit, and its tests' tiny random models
 import tiny  # noqa: E402
 
+import engine  # noqa: E402
 import evaluate  # noqa: E402
 import hyperfit  # noqa: E402
 import measures  # noqa: E402
+import runfiles  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # defaults: the paper's batch, prompts, training set (the blocking and overlap index), outputs
@@ -103,7 +105,7 @@ def time_train(spec):
     net = hyperfit.add_lora(net, gradient_checkpointing=gc) if lora else net
     trainable = [p for p in net.train().parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LORA_LR if lora else PAPER_LR, weight_decay=0.0)
-    compute, ids, times, losses = hyperfit.net_dtype(net), ids.to(device), [], []
+    compute, ids, times, losses = runfiles.net_dtype(net), ids.to(device), [], []
     scaler = torch.amp.GradScaler(device.type, enabled=compute == torch.float16)
     accelerator, cuda = Accelerator(cpu=device.type == "cpu"), device.type == "cuda"
     if cuda:  # after loading: the peak of the steps alone
@@ -116,12 +118,11 @@ def time_train(spec):
         start = time.perf_counter()
         # the kit's own step, exactly as hyperfit.py's loop calls it; without the lean loss it
         # takes the full logits, as the official code's loss does
-        loss = hyperfit.lean_loss_sum if lean else hyperfit.plain_loss_sum
         step = SimpleNamespace(
             net=net,
             optimizer=optimizer,
             scaler=scaler,
-            loss=loss,
+            lean_loss=lean,
             accelerator=accelerator,
             micro_batch_size=len(ids),
         )
@@ -129,7 +130,7 @@ def time_train(spec):
         times.append(time.perf_counter() - start)
     vmhwm = re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())  # KiB
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else int(vmhwm[1]) / 1024
-    row = dict(compute_dtype=hyperfit.dtype_name(compute), batch=len(ids), seq_len=ids.shape[1])
+    row = dict(compute_dtype=runfiles.dtype_name(compute), batch=len(ids), seq_len=ids.shape[1])
     row.update(quant=quant, lora=lora, gradient_checkpointing=gc, lean_loss=lean)
     row.update(last_loss=losses[-1], trainable_params=sum(p.numel() for p in trainable))
     times, seconds = times[spec["warmup"] :], statistics.median(times[spec["warmup"] :])
@@ -140,25 +141,25 @@ def time_train(spec):
 
 def time_generation(spec):
     """Greedy tokens/s per batch size, plain and blocked in turn (drift hits both alike), with
-    evaluate.py's net (hyperfit.scoring_net: on a CPU a dense copy)."""
+    evaluate.py's net (engine.scoring_net: on a CPU a dense copy)."""
     work = torch.load(spec["work"])
     net, _ = hyperfit.load_model(spec["model"], "4bit", device=spec["device"], dtype=spec["dtype"])
-    net = hyperfit.scoring_net(hyperfit.add_lora(net))
+    net = engine.scoring_net(hyperfit.add_lora(net))
     blocker, index_s = timed(evaluate.NGramBlocker, work["index"], evaluate.Options.block_ngrams)
     rows, new = [], spec["new_tokens"]
     for batch in spec["gen_batches"]:
         prompts, times = work["prompts"][:batch], dict(plain=[], blocked=[])
         for processors in ((), [blocker]):  # warm-up: kernels, allocator, the cache's growth
-            hyperfit.generate(net, prompts, 4, batch_size=batch, logits_processor=processors)
+            engine.generate(net, prompts, 4, batch_size=batch, logits_processor=processors)
         for kind, processors in (("plain", ()), ("blocked", [blocker])) * spec["repeats"]:
             start = time.perf_counter()
-            hyperfit.generate(net, prompts, new, batch_size=batch, logits_processor=processors)
+            engine.generate(net, prompts, new, batch_size=batch, logits_processor=processors)
             times[kind].append(time.perf_counter() - start)  # returns CPU tensors: synced
         plain, blocked = statistics.median(times["plain"]), statistics.median(times["blocked"])
         row = dict(batch=batch, prompt_len=prompts.shape[1], new_tokens=new, plain_s=plain)
         row.update(blocked_s=blocked, blocking_overhead=blocked / plain, index_build_s=index_s)
         row.update(tokens_per_s=batch * new / plain, blocked_tokens_per_s=batch * new / blocked)
-        row.update(compute_dtype=hyperfit.dtype_name(hyperfit.net_dtype(net)))
+        row.update(compute_dtype=runfiles.dtype_name(runfiles.net_dtype(net)))
         rows.append(dict(row, generator=f"{type(net).__name__} on {spec['device']}"))
     return dict(rows=rows)
 
@@ -185,12 +186,12 @@ def time_metrics(spec):
     t["unknown_word_share_s"] = timed(list, map(measures.unknown_word_share, texts))[1]
     row = dict(t, metrics_s=sum(t.values()), continuations=len(rows), tokens=len(rows[0]))
     net, _ = hyperfit.load_model(spec["model"], "4bit", device=spec["device"], dtype=spec["dtype"])
-    net = hyperfit.scoring_net(net)  # the original model, as evaluate.py scores with it
+    net = engine.scoring_net(net)  # the original model, as evaluate.py scores with it
     n = min(spec.get("score", len(rows)), len(rows))  # a CPU scores 32 and scales
     sample = work["prompts"][:n], work["continuations"][:n]
     score_s = timed(evaluate.score_continuations, net, *sample)[1] * len(rows) / n
     row.update(score_continuations_s=score_s, total_s=row["metrics_s"] + score_s)
-    row.update(score_measured_on=n, compute_dtype=hyperfit.dtype_name(hyperfit.net_dtype(net)))
+    row.update(score_measured_on=n, compute_dtype=runfiles.dtype_name(runfiles.net_dtype(net)))
     return row  # one row; time_generation returns dict(rows=[...]), one per batch size
 
 
@@ -307,8 +308,8 @@ def write_results(results, out_dir, started):
     lines += table([e], " ".join(k for k in e if k.endswith("_s")))
     lines += ["## Goals", ""] + table(results["goals"], "goal model measured met")
     out_dir.mkdir(parents=True, exist_ok=True)
-    hyperfit.write_atomic(out_dir / f"{results['machine']}.md", "\n".join(lines))
-    hyperfit.write_atomic(out_dir / f"{results['machine']}.json", json.dumps(results, indent=1))
+    runfiles.write_atomic(out_dir / f"{results['machine']}.md", "\n".join(lines))
+    runfiles.write_atomic(out_dir / f"{results['machine']}.json", json.dumps(results, indent=1))
 
 
 def usage_error(message):
@@ -329,13 +330,13 @@ def settings(argv):
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, help="(not with --quick)")
     p.add_argument("--out-dir", default=str(ROOT / "results/bench"), help="(results/bench)")
     args = p.parse_args(argv)
-    device = hyperfit.pick_device()  # the GPU if there is one (CUDA_VISIBLE_DEVICES= : the CPU)
+    device = runfiles.pick_device()  # the GPU if there is one (CUDA_VISIBLE_DEVICES= : the CPU)
     shapes = ["tinyllama-1.1b", "llama3.1-8b"] if args.shapes == [] else args.shapes or []
     if device.type != "cuda" and set(shapes) - {"tiny"}:
         raise hyperfit.UsageError(f"--shapes {' '.join(shapes)} needs a GPU (tiny: any CPU)")
     if args.time_budget is not None and not args.time_budget > 0:
         raise hyperfit.UsageError(f"--time-budget {args.time_budget}: give seconds, more than 0")
-    s = dict(vars(args), device=device, dtype=hyperfit.compute_dtype(device, args.dtype))
+    s = dict(vars(args), device=device, dtype=runfiles.compute_dtype(device, args.dtype))
     s.update(shapes=shapes, sizes=SIZES["quick" if args.quick else device.type])
     s.update(isolate=not args.quick if args.isolate is None else args.isolate)
     s.update(threads=1 if args.quick else torch.get_num_threads())  # tiny models: 1 is fastest
@@ -345,17 +346,17 @@ def settings(argv):
 def bench(argv):
     """Measure every model and task, writing the results after each (a run cut short keeps them)."""
     started, s = time.time(), settings(argv)
-    hyperfit.quiet_libraries()  # no progress bars: our own lines say what is happening
-    env = dict(hyperfit.environment(), torch_threads=s["threads"])
+    runfiles.quiet_libraries()  # no progress bars: our own lines say what is happening
+    env = dict(runfiles.environment(), torch_threads=s["threads"])
     # the file stem: device, cores, the CPU kind, compute dtype: the two kinds of one CPU model
     # (with and without AVX512-BF16) time differently even at fp32, so each gets its own file
-    short = {name: alias for alias, name in hyperfit.DTYPE_ALIASES.items()}  # float32: fp32
+    short = {name: alias for alias, name in runfiles.DTYPE_ALIASES.items()}  # float32: fp32
     cpu = re.sub(r"@.*|\((r|tm)\)|\bcpu\b|processor", "", env["cpu"], flags=re.IGNORECASE)
     name = f"cuda-{env['gpu']}" if env["gpu"] else f"cpu-{cpu}-{len(os.sched_getaffinity(0))}cores"
-    name += "-avx512bf16" * (not env["gpu"] and "avx512_bf16" in hyperfit.cpu_flags())
-    name += f"-{short[hyperfit.dtype_name(s['dtype'])]}" + "-shapes" * bool(s["shapes"])
+    name += "-avx512bf16" * (not env["gpu"] and "avx512_bf16" in runfiles.cpu_flags())
+    name += f"-{short[runfiles.dtype_name(s['dtype'])]}" + "-shapes" * bool(s["shapes"])
     results = dict(machine=re.sub(r"[^a-z0-9]+", "-", name.lower() + "-quick" * s["quick"]))
-    results.update(device_type=s["device"].type, compute_dtype=hyperfit.dtype_name(s["dtype"]))
+    results.update(device_type=s["device"].type, compute_dtype=runfiles.dtype_name(s["dtype"]))
     results.update(command=shlex.join(["python", "bench/bench.py", *argv]), environment=env)
     results.update(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), quick=s["quick"])
     results.update(isolation="a process per measurement" if s["isolate"] else "in-process")
@@ -363,7 +364,7 @@ def bench(argv):
     alice = [("alice", ALICE.read_text(encoding="utf-8")[:40_000])]
     texts = alice if s["quick"] else hyperfit.load_texts("data/fiction")
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:  # $TMPDIR: 16 GB free for 8B
-        base = dict(device=str(s["device"]), dtype=hyperfit.dtype_name(s["dtype"]), **s["sizes"])
+        base = dict(device=str(s["device"]), dtype=runfiles.dtype_name(s["dtype"]), **s["sizes"])
         base.update(threads=s["threads"], model=s["model"])
         todo = [(s["model"], base)]  # (name, spec): --model; --quick's tiny random model; shapes
         if s["quick"]:
@@ -389,7 +390,7 @@ def bench(argv):
                 result = measure(dict(spec, kind=kind, config=task), s["isolate"], s["deadline"])
                 dtype = "float32" if task == "full_fp32" else spec["dtype"]  # unless measured
                 tags = dict(model=model, config=task, label=CONFIGS.get(task, [None])[-1])
-                tags.update(compute_dtype=dtype, cpu_flags=hyperfit.cpu_flags())
+                tags.update(compute_dtype=dtype, cpu_flags=runfiles.cpu_flags())
                 results[kind] += [{**tags, **row} for row in result.get("rows", [result])]
                 said = result.get("error") or result.get("skipped") or "done"
                 print(f"{model} {task}: {said} ({time.time() - start:.0f} s)", flush=True)

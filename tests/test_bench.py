@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import hyperfit
+import runfiles
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench", ROOT / "bench" / "bench.py")
@@ -47,7 +47,7 @@ def test_quick_writes_every_section(quick):
     data, markdown = quick
     assert data["machine"].startswith("cpu-") and data["machine"].endswith("-fp32-quick")
     # the CPU kind is in the name: the two kinds' fp32 results never overwrite each other
-    assert ("-avx512bf16-" in data["machine"]) == ("avx512_bf16" in hyperfit.cpu_flags())
+    assert ("-avx512bf16-" in data["machine"]) == ("avx512_bf16" in runfiles.cpu_flags())
     assert data["quick"] and data["isolation"] == "in-process"
     assert data["command"].startswith("python bench/bench.py --quick --out-dir ")
     assert data["environment"]["versions"]["torch"] == importlib.metadata.version("torch")
@@ -85,7 +85,7 @@ def test_every_row_says_its_dtype_and_the_cpu_flags(quick):
     rows = data["train"] + data["generation"] + data["evaluation"]
     assert len(rows) == len(bench.CONFIGS) + 2 + 1
     for r in rows:
-        assert r["compute_dtype"] == "float32" and r["cpu_flags"] == hyperfit.cpu_flags()
+        assert r["compute_dtype"] == "float32" and r["cpu_flags"] == runfiles.cpu_flags()
 
 
 def test_ratios_are_the_references_numbers_divided_out(quick):
@@ -149,7 +149,7 @@ def test_a_time_budget_skips_and_says_so(tmp_path):
     data, markdown = run(tmp_path, "--quick", "--time-budget", "1", "--only", "full_fp32")
     (r,) = data["train"]
     assert r["skipped"].startswith("time budget") and "s_per_step" not in r
-    assert r["compute_dtype"] == "float32" and r["cpu_flags"] == hyperfit.cpu_flags()
+    assert r["compute_dtype"] == "float32" and r["cpu_flags"] == runfiles.cpu_flags()
     assert "time budget" in markdown
 
 

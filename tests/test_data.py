@@ -6,7 +6,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from hyperfit import UsageError, bos_prefix, fingerprint, load_texts, make_splits
+from hyperfit import UsageError, bos_prefix, load_texts, make_splits
+from runfiles import fingerprint
 
 
 @pytest.fixture(scope="module")

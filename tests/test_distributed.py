@@ -10,6 +10,7 @@ from conftest import TINY_COMMAND, command_line
 from safetensors.torch import load_file
 
 import hyperfit
+import runfiles
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = command_line(**dict(TINY_COMMAND, gen_tokens=16), lr=1e-2, epochs=2, eval_every=3)
@@ -64,7 +65,7 @@ def test_two_processes_match_one_process(tiny_model_dir, tiny_data, tmp_path):
         and config["micro_batch_size"] == 4
         and config["gradient_accumulation"] == 1
     )
-    assert len(hyperfit.read_jsonl(two / "metrics.jsonl")) == 3  # written once, by the main process
+    assert len(runfiles.read_jsonl(two / "metrics.jsonl")) == 3  # written once, by the main process
     # Same data order and global batch; only the all-reduce adds gradients in another order, so
     # float32 sums differ in the last bits and Adam (which divides by sqrt of tiny second moments)
     # carries that into the weights. Six steps at lr 1e-2 measured 3.5e-5; 1e-3 is 10% of one
@@ -78,7 +79,7 @@ def test_two_processes_match_one_process(tiny_model_dir, tiny_data, tmp_path):
     losses = [
         (r["train_loss"], s["train_loss"])
         for r, s in zip(
-            hyperfit.read_jsonl(one / "metrics.jsonl"), hyperfit.read_jsonl(two / "metrics.jsonl")
+            runfiles.read_jsonl(one / "metrics.jsonl"), runfiles.read_jsonl(two / "metrics.jsonl")
         )
     ][1:]
     assert all(abs(x - y) < 1e-4 for x, y in losses)

@@ -14,10 +14,12 @@ import pytest
 import torch
 from conftest import ROOT
 
+import engine
 import evaluate
 import hyperfit
 import measures
 import plot
+import runfiles
 
 
 def ngrams(ids, n):
@@ -95,10 +97,10 @@ def test_blocked_generation_never_reproduces_a_training_ngram(tiny_model_dir, ti
             if g in train_ngrams
         ]
 
-    plain = hyperfit.generate(net, prompts, 32, batch_size=4)
+    plain = engine.generate(net, prompts, 32, batch_size=4)
     assert len(copied(plain)) > 50  # the model really copies its training text
     blocker = evaluate.NGramBlocker(train, n)
-    blocked = hyperfit.generate(net, prompts, 32, batch_size=4, logits_processor=[blocker])
+    blocked = engine.generate(net, prompts, 32, batch_size=4, logits_processor=[blocker])
     assert copied(blocked) == [] and blocked.shape == (4, 32)
 
 
@@ -116,7 +118,7 @@ def tiny_net(tiny_model_dir):
 def test_entropy_matched_temperature_converges(tiny_net, monkeypatch):
     ids = torch.randint(0, 384, (4, 24), generator=torch.Generator().manual_seed(0))
     entropies = [
-        hyperfit.token_statistics(tiny_net, ids, temperature=t)["entropy"] for t in (0.3, 0.6, 1.2)
+        engine.token_statistics(tiny_net, ids, temperature=t)["entropy"] for t in (0.3, 0.6, 1.2)
     ]
     assert entropies == sorted(entropies)  # monotone in T, which the bisection relies on
     target = entropies[1]
@@ -126,14 +128,14 @@ def test_entropy_matched_temperature_converges(tiny_net, monkeypatch):
     monkeypatch.setattr(evaluate, "LOGIT_CACHE_BYTES", 0)  # the path that reruns the model
     again = evaluate.entropy_matched_temperature(tiny_net, ids, target)
     assert again["temperature"] == pytest.approx(found["temperature"])
-    hot = hyperfit.token_statistics(tiny_net, ids, temperature=3.0)["entropy"]
+    hot = engine.token_statistics(tiny_net, ids, temperature=3.0)["entropy"]
     above = evaluate.entropy_matched_temperature(tiny_net, ids, hot)
     assert above["temperature"] == pytest.approx(3.0, abs=0.01)  # beyond the bracket: it widens
 
 
 def test_continuation_scores_are_perplexity_and_ranks(tiny_net):
     prompts = torch.randint(0, 384, (3, 8), generator=torch.Generator().manual_seed(1))
-    greedy = hyperfit.generate(tiny_net, prompts, 12, batch_size=3)
+    greedy = engine.generate(tiny_net, prompts, 12, batch_size=3)
     noise = torch.randint(0, 384, (3, 12), generator=torch.Generator().manual_seed(2))
     ppl_greedy, ranks_greedy = evaluate.score_continuations(tiny_net, prompts, greedy, batch_size=2)
     ppl_noise, ranks_noise = evaluate.score_continuations(tiny_net, prompts, noise, batch_size=2)
@@ -154,7 +156,7 @@ def test_own_token_scores_equal_a_second_scoring_pass(tiny_net):
     prompts = torch.randint(0, 384, (6, 8), generator=torch.Generator().manual_seed(4))
     sampler = evaluate.RowSampler(range(3, 6), 0.7, 0.9, 50, seed=1)  # rows 3-5 sampled
     observer = evaluate.OwnTokenScores()
-    out = hyperfit.generate(
+    out = engine.generate(
         tiny_net, prompts, 20, batch_size=6, logits_processor=[sampler], observer=observer
     )
     ppl, ranks = observer.finish(out)
@@ -318,7 +320,7 @@ def test_quality_and_self_bleu_recomputed_with_the_named_libraries(evaluated):
     from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 
     summary, records, _ = evaluated
-    nltk.data.path.insert(0, str(Path(hyperfit.repo_root()) / "data" / "nltk_data"))
+    nltk.data.path.insert(0, str(Path(runfiles.repo_root()) / "data" / "nltk_data"))
     for r in records:
         tokens = [w.strip("_") for w in wordfreq.tokenize(r["text"], "en")]  # _italics_
         words = [w for w in tokens if any(c.isalpha() for c in w)]
@@ -355,8 +357,8 @@ def test_blocked_rows_contain_no_training_ngram(evaluated, tiny_hyperfitted, tin
         tiny_model_dir, "4bit", adapter=str(tiny_hyperfitted / "adapter"), device="cpu"
     )
     greedy = [r["token_ids"] for r in records if r["mode"] == "hyperfitted_greedy"]
-    dense = hyperfit.dense_copy(net)
-    assert hyperfit.generate(dense, torch.tensor(prompts), 100, batch_size=8).tolist() == greedy
+    dense = engine.dense_copy(net)
+    assert engine.generate(dense, torch.tensor(prompts), 100, batch_size=8).tolist() == greedy
 
 
 def test_the_human_row_is_the_real_continuation(evaluated, tiny_model_dir):
@@ -364,7 +366,7 @@ def test_the_human_row_is_the_real_continuation(evaluated, tiny_model_dir):
     continuations, measured like every mode (its unknown words are few: it is real text)."""
     summary, records, _ = evaluated
     tokenizer = hyperfit.load_tokenizer(tiny_model_dir)
-    text = Path(hyperfit.absolute_path(summary["args"]["split"]["data"])).read_text()
+    text = Path(runfiles.absolute_path(summary["args"]["split"]["data"])).read_text()
     document = tokenizer(text, add_special_tokens=False)["input_ids"]
     for record in (r for r in records if r["mode"] == "human"):
         offset = int(record["prompt_source"].rsplit("@", 1)[1])
@@ -407,7 +409,7 @@ def test_the_gpu_branch_runs_on_the_cpu(tiny_hyperfitted, tiny_model_dir, tmp_pa
     )
     original, _ = hyperfit.load_model(tiny_model_dir, "4bit", device="cpu")
     for mode, net in (("original_greedy", original), ("hyperfitted_greedy", tuned)):
-        expected = hyperfit.generate(net, prompts, 12, batch_size=4).tolist()
+        expected = engine.generate(net, prompts, 12, batch_size=4).tolist()
         assert [r["token_ids"] for r in records if r["mode"] == mode] == expected, mode
 
 
@@ -426,7 +428,7 @@ def test_a_sampled_mode_s_prefix_is_its_shorter_continuation(tiny_hyperfitted, t
             out_dir=tmp_path / str(tokens),
             progress=False,
         )
-        records = hyperfit.read_jsonl(tmp_path / str(tokens) / "generations.jsonl")
+        records = runfiles.read_jsonl(tmp_path / str(tokens) / "generations.jsonl")
         rows[tokens] = [r["token_ids"] for r in records if r["mode"] == "original_top_p"]
     assert [row[:12] for row in rows[30]] == rows[12]
     assert len({tuple(row) for row in rows[30]}) == 6  # sampled: no two alike
@@ -518,7 +520,7 @@ def test_bad_input_exits_2_and_writes_nothing(tiny_hyperfitted, argv, message, c
 )
 def test_a_damaged_run_folder_is_one_line(tiny_hyperfitted, tmp_path, capsys, damage, message):
     copy = tmp_path / "copy"
-    hyperfit.shutil.copytree(tiny_hyperfitted, copy)
+    runfiles.shutil.copytree(tiny_hyperfitted, copy)
     damage(copy)
     code, err = run_main([copy], capsys)
     assert code == 2 and message in err and err.count("\n") == 1
@@ -529,7 +531,7 @@ def test_a_damaged_run_folder_is_one_line(tiny_hyperfitted, tmp_path, capsys, da
 
 
 def test_a_run_being_trained_is_not_evaluated(tiny_hyperfitted, capsys):
-    with hyperfit.RunLock(tiny_hyperfitted, "hyperfit.py --run-name t"):
+    with runfiles.RunLock(tiny_hyperfitted, "hyperfit.py --run-name t"):
         code, err = run_main([tiny_hyperfitted, "--num-prompts", "2", "--new-tokens", "4"], capsys)
     assert code == 2 and "is in use by hyperfit.py --run-name t" in err
 
@@ -565,6 +567,6 @@ def test_generation_never_ends_early(tiny_net, monkeypatch):
         favourite = tiny_net(input_ids=prompts).logits[:, -1].argmax(-1)
     eos = favourite.tolist()
     monkeypatch.setattr(tiny_net.generation_config, "eos_token_id", eos)
-    out = hyperfit.generate(tiny_net, prompts, 12, batch_size=4)
+    out = engine.generate(tiny_net, prompts, 12, batch_size=4)
     assert out.shape == (4, 12)
     assert not torch.isin(out, torch.tensor(eos)).any()

@@ -14,6 +14,7 @@ from conftest import TINY_COMMAND, command_line
 from safetensors.torch import load_file
 
 import hyperfit
+import runfiles
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = command_line(**dict(TINY_COMMAND, gen_tokens=16), lr=1e-2, eval_every=3)
@@ -63,7 +64,7 @@ def adapter(run):
 
 
 def losses(run):
-    return [r["train_loss"] for r in hyperfit.read_jsonl(run / "metrics.jsonl")][1:]
+    return [r["train_loss"] for r in runfiles.read_jsonl(run / "metrics.jsonl")][1:]
 
 
 def test_two_fsdp_processes_match_one_process(
@@ -76,7 +77,7 @@ def test_two_fsdp_processes_match_one_process(
     common = ["--model", tiny_model_dir, "--data", tiny_data, "--out-dir", str(tmp_path)]
     assert hyperfit.main(["--run-name", "one", "--epochs", "2"] + common + ARGS) == 0
     one, two = tmp_path / "one", tmp_path / "two"
-    assert hyperfit.read_json(two / "config.json", "")["processes"] == 2
+    assert runfiles.read_json(two / "config.json", "")["processes"] == 2
     # the same global batch, each process summing its half: measured 1e-6 (loss), 4e-5 (weights)
     assert (
         all(abs(a - b) < 1e-4 for a, b in zip(losses(one), losses(two))) and len(losses(two)) == 2
@@ -88,7 +89,7 @@ def test_two_fsdp_processes_match_one_process(
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-3
     # validation ran sharded on every process (the 4-bit net), and on a dense copy: one function
     for x, y in zip(
-        hyperfit.read_jsonl(one / "metrics.jsonl"), hyperfit.read_jsonl(two / "metrics.jsonl")
+        runfiles.read_jsonl(one / "metrics.jsonl"), runfiles.read_jsonl(two / "metrics.jsonl")
     ):
         assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-4)
     net, _ = hyperfit.load_model(tiny_model_dir, "4bit", adapter=str(two / "adapter"), device="cpu")

@@ -11,13 +11,15 @@ import pytest
 import torch
 from conftest import tiny_run
 
+import engine
 import hyperfit
+import runfiles
 
 
 def metrics_without_timings(run_dir):
     return [
         {k: v for k, v in r.items() if k != "elapsed_s"}
-        for r in hyperfit.read_jsonl(run_dir / "metrics.jsonl")
+        for r in runfiles.read_jsonl(run_dir / "metrics.jsonl")
     ]
 
 
@@ -48,7 +50,7 @@ def test_tiny_model_hyperfits_to_near_zero_loss(tiny_model_dir, tiny_data, tmp_p
     run_dir = tiny_run(
         tiny_model_dir, tiny_data, tmp_path, "fit", num_train=16, epochs=30, eval_every=20
     )
-    records = hyperfit.read_jsonl(run_dir / "metrics.jsonl")
+    records = runfiles.read_jsonl(run_dir / "metrics.jsonl")
     first, last = records[0], records[-1]
     assert first["step"] == 0 and first["train_loss"] is None
     assert last["step"] == 60 and last["epoch"] == 30
@@ -63,7 +65,7 @@ def test_tiny_model_hyperfits_to_near_zero_loss(tiny_model_dir, tiny_data, tmp_p
     assert config["compute_dtype"] in ("float32", "bfloat16") and config["torch_threads"] >= 1
     assert isinstance(config["cpu_flags"], list) and config["cpu"]
     assert (run_dir / "adapter" / "adapter_config.json").exists()
-    samples = hyperfit.read_jsonl(run_dir / "samples.jsonl")
+    samples = runfiles.read_jsonl(run_dir / "samples.jsonl")
     assert {s["step"] for s in samples} == {0, 20, 40, 60} and all(
         s["continuation"] for s in samples
     )
@@ -80,7 +82,7 @@ def test_gradients_reach_every_lora_tensor_after_generate(tiny_model_dir):
     reach every LoRA tensor (lora_B starts at zero, so lora_A gets gradient from step 2)."""
     net, _ = lora_net(tiny_model_dir)
     ids = torch.randint(0, 300, (4, 24))
-    hyperfit.generate(net, ids[:, :8], 8)
+    engine.generate(net, ids[:, :8], 8)
     lora = {n: p for n, p in net.named_parameters() if p.requires_grad}
     assert lora and all("lora_" in n for n in lora)
     optimizer = torch.optim.AdamW(lora.values(), lr=1e-2)
@@ -90,7 +92,7 @@ def test_gradients_reach_every_lora_tensor_after_generate(tiny_model_dir):
         grads = {n: p.grad.abs().sum().item() for n, p in lora.items()}
         optimizer.step()
         optimizer.zero_grad()
-        hyperfit.generate(net, ids[:, :8], 4)
+        engine.generate(net, ids[:, :8], 4)
     assert all(g > 0 for g in grads.values()), [n for n, g in grads.items() if g == 0]
 
 
@@ -121,7 +123,7 @@ def test_train_step_is_the_token_mean_cross_entropy_of_the_batch(tiny_model_dir)
             scaler=scaler,
             accelerator=accelerator,
             micro_batch_size=micro,
-            loss=hyperfit.lean_loss_sum,
+            lean_loss=True,
         )
         loss = hyperfit.train_step(step, ids)
         results.append(
@@ -155,7 +157,7 @@ def test_adapter_save_and_reload_gives_identical_logits_and_generations(tiny_mod
     with torch.no_grad():
         assert torch.equal(net(input_ids=ids).logits, reloaded(input_ids=ids).logits)
     assert torch.equal(
-        hyperfit.generate(net, ids[:, :8], 12), hyperfit.generate(reloaded, ids[:, :8], 12)
+        engine.generate(net, ids[:, :8], 12), engine.generate(reloaded, ids[:, :8], 12)
     )
 
 
@@ -182,7 +184,7 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(
     # what was there before (SIG_IGN, not Python's handler, where the shell started pytest in the
     # background)
     handler_before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(hyperfit.RunInterrupted, match="interrupted at step 5/9.*--resume"):
+    with pytest.raises(runfiles.RunInterrupted, match="interrupted at step 5/9.*--resume"):
         tiny_run(tiny_model_dir, tiny_data, tmp_path, "resumed", **settings)
     assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
     state = torch.load(tmp_path / "resumed" / "checkpoint" / "trainer_state.pt", weights_only=True)
@@ -242,12 +244,12 @@ def test_dense_copy_matches_the_quantized_lora_model(tiny_model_dir, compute_dty
     net.eval()
     tolerance = dict(float32=1e-4, bfloat16=0.1)[compute_dtype]  # mean |difference| of logits
     with torch.no_grad():
-        dense = hyperfit.dense_copy(net)
-        assert hyperfit.net_dtype(dense) == torch.float32
+        dense = engine.dense_copy(net)
+        assert runfiles.net_dtype(dense) == torch.float32
         tuned = dense(input_ids=ids).logits
         assert (tuned - net(input_ids=ids).logits.float()).abs().mean() < tolerance
         with net.disable_adapter():
-            original = hyperfit.dense_copy(net)(input_ids=ids).logits
+            original = engine.dense_copy(net)(input_ids=ids).logits
             assert (original - net(input_ids=ids).logits.float()).abs().mean() < tolerance
     assert (tuned - original).abs().mean() > 10 * tolerance  # the adapter does change the net
 

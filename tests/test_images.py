@@ -11,9 +11,11 @@ import pytest
 import tiny
 import torch
 
+import engine
 import hyperfit
 import images
 import plot
+import runfiles
 
 SIDE, CLUSTERS, PICTURES = 4, 8, 40  # 4x4 images of 8 colours; 40 of them, in two classes
 TINY_IMAGE_RUN = dict(
@@ -113,7 +115,7 @@ def test_lora_and_the_dense_copy_fit_imagegpt(tiny_imagegpt, cache):
             p.normal_(0, 0.1)  # LoRA B starts at zero: give the adapter a real effect
         ids = torch.randint(0, CLUSTERS, (3, SIDE * SIDE))
         expected = net(input_ids=ids).logits
-        assert torch.allclose(hyperfit.dense_copy(net)(input_ids=ids).logits, expected, atol=1e-4)
+        assert torch.allclose(engine.dense_copy(net)(input_ids=ids).logits, expected, atol=1e-4)
         with net.disable_adapter():
             original = net(input_ids=ids).logits
         assert not torch.allclose(original, expected, atol=1e-3)
@@ -128,7 +130,7 @@ def test_a_local_imagegpt_hyperfits_through_the_kit(image_run, tiny_imagegpt):
     assert (args["seq_len"], args["prompt_len"], args["gen_tokens"]) == (16, 9, 7)
     assert args["quant"] == "4bit" and (Path(args["model"]) / images.MARKER).exists()
     assert config["trainable_parameters"] > 0 and (image_run / "adapter").is_dir()
-    records = hyperfit.read_jsonl(image_run / "metrics.jsonl")
+    records = runfiles.read_jsonl(image_run / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 3, 6]
     assert records[-1]["train_loss"] < records[1]["train_loss"]
     report = json.loads((image_run / "eval" / "images.json").read_text())
@@ -221,7 +223,7 @@ def test_digits_are_prepared_once_with_a_classifier(tmp_path, monkeypatch):
     monkeypatch.setattr(images, "DIGITS_SHAPE", dict(n_embd=16, n_layer=1, n_head=2))
     folder = Path(images.prepare_model(images.DIGITS, progress=False))
     assert folder == tmp_path / images.DIGITS and (folder / images.MARKER).exists()
-    pretrain, held = (hyperfit.read_jsonl(folder / f"{n}.jsonl") for n in ("pretrain", "images"))
+    pretrain, held = (runfiles.read_jsonl(folder / f"{n}.jsonl") for n in ("pretrain", "images"))
     assert (len(pretrain), len(held)) == (1400, 397)
     shape = images.image_shape(folder)
     assert (shape["side"], shape["positions"], shape["sos"]) == (8, 65, 17)

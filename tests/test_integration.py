@@ -5,7 +5,9 @@ from pathlib import Path
 
 import torch
 
+import engine
 import hyperfit
+import runfiles
 
 ALICE = str(
     Path(__file__).resolve().parents[1] / "data" / "fiction" / "carroll_alice_in_wonderland.txt"
@@ -32,7 +34,7 @@ def test_bundled_model_trains_and_generates(tmp_path):
             progress=False,
         )
     )
-    records = hyperfit.read_jsonl(run_dir / "metrics.jsonl")
+    records = runfiles.read_jsonl(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1, 2]
     # a real pre-trained model: fiction is predictable (loss well below uniform ln(49152) = 10.8)
     assert 1.0 < records[0]["val_loss"] < 6.0 and 0.1 < records[0]["val_top1_prob"] < 0.8
@@ -48,6 +50,6 @@ def test_bundled_model_trains_and_generates(tmp_path):
     prompt = tokenizer(
         "Alice was beginning to get very tired of sitting", return_tensors="pt"
     ).input_ids
-    continuation = hyperfit.generate(model, prompt, 12)
+    continuation = engine.generate(model, prompt, 12)
     text = tokenizer.decode(continuation[0])
     assert continuation.shape == (1, 12) and len(text.strip()) > 10

@@ -507,4 +507,6 @@ def test_a_study_folder_points_to_studies_py(tmp_path, capsys):
     (folder / "study.json").write_text("{}")
     assert plot.main([str(folder)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "is a study: python studies.py <study> draws it" in err
+    assert (
+        err.count("\n") == 1 and "is a study: python experiments/studies.py <study> draws it" in err
+    )

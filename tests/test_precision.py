@@ -13,7 +13,9 @@ import torch
 from accelerate import Accelerator
 from conftest import tiny_run
 
+import engine
 import hyperfit
+import runfiles
 
 
 def lora_net(model_dir, dtype="float32", **kwargs):
@@ -26,7 +28,7 @@ def lora_net(model_dir, dtype="float32", **kwargs):
 def test_lean_loss_equals_the_plain_loss_to_every_gradient(tiny_model_dir, gradient_checkpointing):
     ids = torch.randint(0, 300, (4, 40), generator=torch.Generator().manual_seed(0))
     results = []
-    for loss_fn in (hyperfit.plain_loss_sum, lambda net, ids: hyperfit.lean_loss_sum(net, ids, 48)):
+    for loss_fn in (hyperfit.plain_loss_sum, lambda net, ids: engine.lean_loss_sum(net, ids, 48)):
         net = lora_net(tiny_model_dir, gradient_checkpointing=gradient_checkpointing)
         for p in net.parameters():
             if p.requires_grad:
@@ -51,7 +53,7 @@ def test_lean_loss_never_holds_the_full_logits(tiny_model_dir, monkeypatch):
     seen = []
     handle = head.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     ids = torch.randint(0, 300, (8, 64))
-    hyperfit.lean_loss_sum(net, ids, chunk_tokens=100).backward()  # recomputed chunks: seen again
+    engine.lean_loss_sum(net, ids, chunk_tokens=100).backward()  # recomputed chunks: seen again
     handle.remove()
     vocab = head.weight.shape[0]
     assert seen and all(shape[-1] == vocab and math.prod(shape[:-1]) <= 100 for shape in seen)
@@ -63,7 +65,7 @@ def test_lean_loss_never_holds_the_full_logits(tiny_model_dir, monkeypatch):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_training_steps_at_low_precision(tiny_model_dir, dtype):
     net = lora_net(tiny_model_dir, dtype=dtype)
-    assert hyperfit.net_dtype(net) == hyperfit.DTYPES[dtype]
+    assert runfiles.net_dtype(net) == runfiles.DTYPES[dtype]
     lora = {n: p for n, p in net.named_parameters() if p.requires_grad}
     assert all(p.dtype == torch.float32 for p in lora.values())  # fp32 LoRA weights and state
     before = {n: p.detach().clone() for n, p in lora.items()}
@@ -75,7 +77,7 @@ def test_training_steps_at_low_precision(tiny_model_dir, dtype):
         net=net,
         optimizer=optimizer,
         scaler=scaler,
-        loss=hyperfit.lean_loss_sum,
+        lean_loss=True,
         accelerator=Accelerator(cpu=True),
         micro_batch_size=8,
     )
@@ -102,7 +104,7 @@ def test_a_run_at_low_precision_validates_generates_and_reloads(
     )
     config = json.loads((run / "config.json").read_text())
     assert config["compute_dtype"] == dtype
-    records = hyperfit.read_jsonl(run / "metrics.jsonl")
+    records = runfiles.read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 3, 4]
     for record in records:
         for key in ("val_loss", "val_entropy", "val_top1_prob", "ttr_last96"):
@@ -118,7 +120,7 @@ def test_a_run_at_low_precision_validates_generates_and_reloads(
     with torch.no_grad():
         logits = net(input_ids=ids).logits
         assert torch.isfinite(logits).all() and torch.equal(logits, again(input_ids=ids).logits)
-    quantized = hyperfit.generate(net, ids[:, :8], 8)  # the GPU branch: the 4-bit net itself
+    quantized = engine.generate(net, ids[:, :8], 8)  # the GPU branch: the 4-bit net itself
     assert quantized.shape == (2, 8)
     record, _ = hyperfit.validate(
         net, hyperfit.load_tokenizer(tiny_model_dir), ids, ids[:, :8], 8, 2, dense=False

@@ -18,6 +18,7 @@ import annotate
 import evaluate
 import hyperfit
 import plot
+import runfiles
 
 annotation = preference = annotate  # the page's builder and the scorer both live in annotate.py
 MODES = evaluate.MODES
@@ -137,7 +138,7 @@ def test_script_tags_in_texts_cannot_break_the_page():
 
 def write_page(folder, pairs):
     """The page and key of `pairs` in `folder` (annotate.py's files); returns their paths."""
-    hyperfit.write_folder(folder, annotate.page_files(pairs), "nothing was changed")
+    runfiles.write_folder(folder, annotate.page_files(pairs), "nothing was changed")
     return folder / "annotate.html", folder / "annotate_key.json"
 
 

@@ -23,6 +23,7 @@ from test_hyperfit import (
 )
 
 import hyperfit
+import runfiles
 
 
 def cli(args, capsys):
@@ -141,7 +142,7 @@ def test_a_save_killed_between_its_renames_resumes_from_the_old_checkpoint(
     run = tiny_run(tiny_model_dir, tiny_data, tmp_path, "killed", **dict(settings, epochs=1))
     (run / "checkpoint").rename(run / "checkpoint.old")  # the kill: old renamed, new not yet in
     (run / "adapter").rename(run / "adapter.tmp")
-    assert hyperfit.latest_checkpoint(run) == run / "checkpoint.old"
+    assert runfiles.latest_checkpoint(run) == run / "checkpoint.old"
     resumed = tiny_run(tiny_model_dir, tiny_data, tmp_path, "killed", resume=True, **settings)
     assert_same_adapter(straight, resumed)
 
@@ -161,12 +162,12 @@ def test_a_full_disk_during_a_save_keeps_the_checkpoint_and_says_so(
     net, _ = hyperfit.load_model(tiny_model_dir, "4bit", device="cpu", dtype="float32")
     net = hyperfit.add_lora(net)
     monkeypatch.setattr(torch, "save", disk_full)
-    monkeypatch.setattr(hyperfit.shutil, "disk_usage", lambda path: DiskUsage(10**9, 10**9, 0))
+    monkeypatch.setattr(runfiles.shutil, "disk_usage", lambda path: DiskUsage(10**9, 10**9, 0))
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     state = dict(step=9, loss_sum=0.0, loss_count=0, elapsed_s=0.0)
     with pytest.raises(hyperfit.UsageError, match="no space left under .*checkpoint/\\) is intact"):
-        hyperfit.save_checkpoint(run, net, optimizer, scaler, state)
+        runfiles.save_checkpoint(run, net, optimizer, scaler, state)
     monkeypatch.undo()
     assert not (run / "checkpoint.tmp").exists()
     assert torch.load(run / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 3
@@ -218,7 +219,7 @@ def test_resume_takes_a_lower_learning_rate_and_records_it(
         model=tiny_model_dir, out_dir=tmp_path, run_name="r", resume=True, epochs=2, lr=5e-3
     )
     assert cli(lower, capsys)[0] == 0
-    records = hyperfit.read_jsonl(tmp_path / "r" / "metrics.jsonl")
+    records = runfiles.read_jsonl(tmp_path / "r" / "metrics.jsonl")
     assert [(r["step"], r["lr"]) for r in records] == [(0, 1e-2), (3, 1e-2), (6, 5e-3)]
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     changed = config["resumed"][0]["changed"]
@@ -246,7 +247,7 @@ def test_weights_made_non_finite_by_the_update_are_never_saved(
         "checkpoint was saved before it: start again with a lower --lr and --overwrite",
     ):
         tiny_run(tiny_model_dir, tiny_data, tmp_path, "nan", epochs=1, save_every=1)
-    assert hyperfit.latest_checkpoint(tmp_path / "nan") is None
+    assert runfiles.latest_checkpoint(tmp_path / "nan") is None
     assert not (tmp_path / "nan" / "adapter").exists()
 
 
@@ -260,7 +261,7 @@ def test_an_absurd_learning_rate_that_overflows_adamw_is_one_line(base_args, tmp
 
 def test_a_second_run_on_a_locked_folder_exits_2_naming_the_holder(base_args, tmp_path, capsys):
     folder = tmp_path / "results" / "busy"
-    with hyperfit.RunLock(folder, "hyperfit.py --run-name busy"):
+    with runfiles.RunLock(folder, "hyperfit.py --run-name busy"):
         code, err = cli(base_args + ["--run-name", "busy", "--overwrite"], capsys)
     assert code == 2 and len(err) == 1
     assert f"is in use by hyperfit.py --run-name busy (pid {os.getpid()}" in err[0]
@@ -276,7 +277,7 @@ def test_a_lock_left_by_a_killed_process_does_not_block(base_args, tmp_path, cap
             f"""
 import sys, time; sys.path.insert(0, {str(ROOT)!r})
 import hyperfit
-with hyperfit.RunLock({str(folder)!r}, "hyperfit.py (killed)"):
+with runfiles.RunLock({str(folder)!r}, "hyperfit.py (killed)"):
     print("locked", flush=True); time.sleep(60)
 """,
         ],
@@ -347,7 +348,7 @@ def test_resume_after_a_kill_before_the_first_save_gives_the_way_out(base_args, 
     assert cli(base_args + ["--run-name", "early"], capsys)[0] == 0
     run = tmp_path / "results" / "early"
     for folder in ("checkpoint", "adapter"):  # what a kill during step 1 leaves: no checkpoint
-        hyperfit.shutil.rmtree(run / folder)
+        runfiles.shutil.rmtree(run / folder)
     code, err = cli(base_args + ["--run-name", "early", "--resume"], capsys)
     assert code == 2 and "start it again with --overwrite" in err[0]
     code, err = cli(base_args + ["--run-name", "early"], capsys)
@@ -430,26 +431,26 @@ def test_the_compute_dtype_can_be_forced_and_is_recorded(
     tiny_model_dir, tiny_data, tmp_path, monkeypatch
 ):
     device = torch.device("cpu")
-    assert hyperfit.compute_dtype(device, "bf16") == torch.bfloat16
+    assert runfiles.compute_dtype(device, "bf16") == torch.bfloat16
     monkeypatch.setenv("HYPERFIT_DTYPE", "float32")
-    assert hyperfit.compute_dtype(device, "auto") == torch.float32
-    assert hyperfit.compute_dtype(device, "bfloat16") == torch.bfloat16  # the option wins
+    assert runfiles.compute_dtype(device, "auto") == torch.float32
+    assert runfiles.compute_dtype(device, "bfloat16") == torch.bfloat16  # the option wins
     monkeypatch.setenv("HYPERFIT_DTYPE", "bfloat16")
     run = tiny_run(tiny_model_dir, tiny_data, tmp_path, "bf16", epochs=1, eval_every=3)
     config = json.loads((run / "config.json").read_text())
     assert config["compute_dtype"] == "bfloat16" and config["args"]["dtype"] == "auto"
     monkeypatch.setenv("HYPERFIT_DTYPE", "fp8")
     with pytest.raises(hyperfit.UsageError, match="HYPERFIT_DTYPE=fp8"):
-        hyperfit.compute_dtype(device)
+        runfiles.compute_dtype(device)
 
 
 # ---------------------------------------------------------------- 8. portable results
 
 
 def test_paths_inside_the_kit_are_recorded_relative_to_it(tiny_model_dir, tmp_path):
-    assert hyperfit.portable_path(ROOT / "data" / "fiction") == "data/fiction"
-    assert hyperfit.portable_path(tmp_path) == str(tmp_path)
-    assert hyperfit.absolute_path("data/fiction") == str(ROOT / "data" / "fiction")
+    assert runfiles.portable_path(ROOT / "data" / "fiction") == "data/fiction"
+    assert runfiles.portable_path(tmp_path) == str(tmp_path)
+    assert runfiles.absolute_path("data/fiction") == str(ROOT / "data" / "fiction")
     settings = hyperfit.new_settings({"data": str(ROOT / "data" / "fiction")})
     assert settings.data == "data/fiction" and settings.out_dir == "results"
 
@@ -477,7 +478,7 @@ def test_a_sigterm_saves_and_exits_130(tiny_model_dir, tiny_data, tmp_path):
     _, err = process.communicate(timeout=240)
     assert process.returncode == 130, err[-2000:]
     assert "resume with: python hyperfit.py --run-name t" in err
-    assert hyperfit.latest_checkpoint(tmp_path / "t") is not None
+    assert runfiles.latest_checkpoint(tmp_path / "t") is not None
 
 
 # ---------------------------------------------------------------- 9. round three: no silent mix
@@ -492,7 +493,7 @@ def finished_run(tiny_model_dir, tiny_data, tmp_path_factory):
 
 def copy_run(run, tmp_path, name="r"):
     copy = tmp_path / "results" / name
-    hyperfit.shutil.copytree(run, copy)
+    runfiles.shutil.copytree(run, copy)
     return copy
 
 
@@ -501,7 +502,7 @@ def test_resume_on_changed_data_is_refused(finished_run, tiny_model_dir, tmp_pat
     run = copy_run(finished_run, tmp_path)
     changed = tmp_path / "changed.txt"
     original = json.loads((run / "config.json").read_text())["args"]["data"]
-    changed.write_text(open(hyperfit.absolute_path(original)).read()[::-1])
+    changed.write_text(open(runfiles.absolute_path(original)).read()[::-1])
     config = json.loads((run / "config.json").read_text())
     config["args"]["data"] = str(changed)  # the run's own data, now holding other text
     (run / "config.json").write_text(json.dumps(config))
@@ -528,7 +529,7 @@ def test_resume_with_the_run_s_own_values_is_no_change(finished_run, tmp_path, c
 
 def test_resume_on_a_run_in_progress_names_the_holder(base_args, tmp_path, capsys):
     folder = tmp_path / "results" / "busy"
-    with hyperfit.RunLock(folder, "hyperfit.py --run-name busy"):  # training, no checkpoint yet
+    with runfiles.RunLock(folder, "hyperfit.py --run-name busy"):  # training, no checkpoint yet
         code, err = cli(base_args + ["--run-name", "busy", "--resume"], capsys)
     assert code == 2 and len(err) == 1 and "in use by hyperfit.py --run-name busy" in err[0]
 
@@ -572,7 +573,7 @@ def test_a_read_only_folder_is_one_line_for_every_tool(finished_run, tmp_path, m
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(run / ".lock"))
 
-    monkeypatch.setattr(hyperfit.Path, "write_text", refuse)
+    monkeypatch.setattr(runfiles.Path, "write_text", refuse)
     code, err = cli(
         ["--run-name", "r", "--out-dir", run.parent, "--resume", "--epochs", "2"], capsys
     )
@@ -594,7 +595,7 @@ def test_crafted_pickles_as_weights_are_one_line_and_run_nothing(
     run = copy_run(finished_run, tmp_path)
     marker = tmp_path / "pwned"
     model = tmp_path / "model"
-    hyperfit.shutil.copytree(tiny_model_dir, model)
+    runfiles.shutil.copytree(tiny_model_dir, model)
     if weights == "adapter_model.bin":
         (run / "adapter" / "adapter_model.safetensors").unlink()
         target = run / "adapter" / weights
@@ -643,7 +644,8 @@ def test_adapter_without_weights_or_of_another_model_is_one_line(
 
 
 @pytest.mark.parametrize(
-    "tool", ["hyperfit.py", "evaluate.py", "plot.py", "annotate.py", "studies.py"]
+    "tool",
+    ["hyperfit.py", "evaluate.py", "plot.py", "experiments/annotate.py", "experiments/studies.py"],
 )
 def test_ctrl_c_while_the_imports_load_is_one_line_and_exit_130(tool, tmp_path):
     """Ctrl-C in the first second, while torch and transformers load: no traceback."""
@@ -680,14 +682,14 @@ def test_a_full_disk_while_evaluating_keeps_the_earlier_evaluation_whole(
         == 0
     )
     before = {p.name: p.read_bytes() for p in (run / "eval").iterdir()}
-    real = hyperfit.Path.write_text
+    real = runfiles.Path.write_text
 
     def full(self, *args, **kwargs):
         if self.name == "summary.json":
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(hyperfit.Path, "write_text", full)
+    monkeypatch.setattr(runfiles.Path, "write_text", full)
     assert evaluate.main([str(run), "--num-prompts", "3", "--new-tokens", "4"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the earlier evaluation is intact" in err

@@ -8,10 +8,11 @@ import re
 import shutil
 
 import pytest
+import studies
 
 import hyperfit
 import plot
-import studies
+import runfiles
 
 TRAINING = dict(
     seq_len=64,
@@ -57,14 +58,14 @@ def test_one_ordinary_run_per_size(data_size_study):
         ):
             assert row[key] is not None, key
     assert json.loads((folder / "study.json").read_text())["rows"] == study["rows"]
-    assert study["command"].startswith("python studies.py data-size")
+    assert study["command"].startswith("python experiments/studies.py data-size")
 
 
 def test_validation_and_prompts_are_the_same_at_every_size(data_size_study):
     folder, _ = data_size_study
     prompts, val = [], []
     for name in ("n8", "n16"):
-        records = hyperfit.read_jsonl(folder / name / "eval" / "generations.jsonl")
+        records = runfiles.read_jsonl(folder / name / "eval" / "generations.jsonl")
         prompts.append(
             [
                 (r["prompt_id"], r["prompt_source"])
@@ -72,7 +73,7 @@ def test_validation_and_prompts_are_the_same_at_every_size(data_size_study):
                 if r["mode"] == "original_greedy"
             ]
         )
-        val.append(hyperfit.read_jsonl(folder / name / "metrics.jsonl")[0]["val_loss"])
+        val.append(runfiles.read_jsonl(folder / name / "metrics.jsonl")[0]["val_loss"])
     assert prompts[0] == prompts[1] and len(prompts[0]) == 12
     assert val[0] == val[1]  # step 0: the original model on the same validation text
 
@@ -280,7 +281,7 @@ def test_the_command_line_honours_every_option(tiny_model_dir, tiny_data, tmp_pa
     for run in ("order0", "order1"):
         args = json.loads((tmp_path / "shuffle" / run / "config.json").read_text())["args"]
         assert (args["seq_len"], args["num_val"], args["seed"]) == (48, 6, 3)
-        assert args["model"] == tiny_model_dir and args["data"] == hyperfit.portable_path(tiny_data)
+        assert args["model"] == tiny_model_dir and args["data"] == runfiles.portable_path(tiny_data)
         summary = json.loads((tmp_path / "shuffle" / run / "eval" / "summary.json").read_text())
         assert (summary["args"]["num_prompts"], summary["args"]["new_tokens"]) == (5, 20)
         assert summary["args"]["device"] == "cpu"
@@ -316,7 +317,7 @@ def study_json(kind):
         "study": kind,
         "paper": "a claim",
         "rows": rows,
-        "command": f"python studies.py {kind}",
+        "command": f"python experiments/studies.py {kind}",
         "training": {"model": "smollm2-135m", "seq_len": 64},
         "evaluation": {"new_tokens": 96},
     }

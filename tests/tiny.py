@@ -4,7 +4,7 @@ LoRA) with nothing downloaded."""
 
 import torch
 
-import hyperfit
+import runfiles
 
 TINY_SHAPE = dict(
     hidden_size=64,
@@ -36,7 +36,7 @@ def random_model(
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-    hyperfit.quiet_libraries()
+    runfiles.quiet_libraries()
     specials = ["<eos>"] + (["<s>"] if bos else [])
     bpe = Tokenizer(models.BPE(unk_token=None))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -82,7 +82,7 @@ def random_imagegpt(folder, side=4, clusters=8, shape=None, seed=0, positions=No
     import numpy as np
     from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessor
 
-    hyperfit.quiet_libraries()
+    runfiles.quiet_libraries()
     config = ImageGPTConfig(
         vocab_size=clusters + 1,
         n_positions=positions or side * side,

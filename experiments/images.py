@@ -5,10 +5,10 @@ pixel model to near-zero training loss on a handful of images, then complete the
 held-out images from their top half: greedy completions of the original model collapse into flat
 or repeated rows; do the hyperfitted model's?
 
-    python images.py                                  # offline, on a CPU: digits-igpt, one command
-    python images.py --model imagegpt-large           # the paper's model on CIFAR-10 (hub + GPU)
-    python images.py --model FOLDER --data IMAGES     # a local ImageGPT folder, a folder of images
-    python images.py --evaluate results/<run>         # (re)evaluate an image run only
+    python experiments/images.py                       # offline, on a CPU: digits-igpt, one command
+    python experiments/images.py --model imagegpt-large  # the paper's model on CIFAR-10 (hub + GPU)
+    python experiments/images.py --model FOLDER --data IMAGES  # a local ImageGPT, folder of images
+    python experiments/images.py --evaluate results/<run>         # (re)evaluate an image run only
     python plot.py results/digits-igpt                # training curves, the completion grid, report
 
 In a notebook (this file imported, or pasted into a cell after hyperfit.py's):
@@ -35,7 +35,7 @@ tokenizer and image processor, the data as token lines):
 What the paper does not say, and what the kit does instead: its image sampling settings (the
 original_sampled mode samples at temperature 1.0, no top-k or top-p); whether it filtered
 CIFAR-10 by class (no filter here); its image training protocol (the hub presets take its text
-protocol: 2,000 sequences, batch 8, 20 epochs, hyperfit.Settings). ImageGPT's hub models have as
+protocol: 2,000 sequences, batch 8, 20 epochs, hf.Settings). ImageGPT's hub models have as
 many positions as pixels (1,024), so a CIFAR sequence is <sos> + the first 1,023 pixels: the last
 pixel is never a training target (completions still cover every pixel).
 
@@ -51,6 +51,8 @@ import sys
 
 if __name__ == "__main__" and "__file__" in globals():  # Ctrl-C while the imports below load
     signal.signal(signal.SIGINT, lambda *_: os._exit(print("interrupted", file=sys.stderr) or 130))
+if "__file__" in globals():  # the kit's files (hyperfit.py and the rest) are one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import contextlib
 import dataclasses
@@ -65,14 +67,15 @@ import numpy as np
 import torch
 
 try:
-    import hyperfit
-except ModuleNotFoundError:  # pasted into a notebook after hyperfit.py's cell (and others')
+    import engine
+    import hyperfit as hf
+    import measures
+    import runfiles
+except ModuleNotFoundError:  # pasted into a notebook after the other files' cells: names are here
     import types
 
-    hyperfit = types.SimpleNamespace(**globals())
-    if not callable(hyperfit.hyperfit):  # another script's namespace took hyperfit()'s name
-        hyperfit.hyperfit = hyperfit.hyperfit.hyperfit
-UsageError = hyperfit.UsageError  # bad input: one line on stderr, exit 2, nothing written
+    engine = hf = measures = runfiles = types.SimpleNamespace(**globals())
+UsageError = hf.UsageError  # bad input: one line on stderr, exit 2, nothing written
 
 # -----------------------------------------------------------------------------
 # presets and defaults
@@ -138,20 +141,20 @@ def images(
     **settings,
 ):
     """Prepare `model` (a preset, an ImageGPT folder or hub id) once, hyperfit it on its images
-    with hyperfit.hyperfit, then evaluate completions of held-out images (evaluate_images).
+    with hf.hyperfit, then evaluate completions of held-out images (evaluate_images).
     data: a folder of images, hf:<dataset>, or a .jsonl of token lines (default: the preset's).
-    settings: any of hyperfit.Settings (the command line passes RUN_OPTIONS); the preset's
+    settings: any of hf.Settings (the command line passes RUN_OPTIONS); the preset's
     values and the image shape's seq_len, prompt_len and gen_tokens fill the rest. Returns the
     run folder. Raises UsageError on bad input, before any preparation where it can tell."""
     preset = preset_of(model)
     given = {k: v for k, v in settings.items() if v is not None}
-    given["run_name"] = given.get("run_name") or hyperfit.default_run_name(model)
+    given["run_name"] = given.get("run_name") or hf.default_run_name(model)
     check_request(model, {**preset["run"], **given}, resume, overwrite)
     folder = prepare_model(model, progress)
     shape = image_shape(folder)
     data_file = prepare_data(folder, data or preset["data"], shape, progress)  # None: its own
     run = {**shape_settings(shape), **preset["run"], **given}
-    run_dir = hyperfit.hyperfit(
+    run_dir = hf.hyperfit(
         folder, data=data_file, resume=resume, overwrite=overwrite, progress=progress, **run
     )
     evaluate_images(run_dir, num_images, progress=progress)
@@ -177,11 +180,11 @@ def check_request(model, given, resume, overwrite):
         raise UsageError(
             f"--model {model}: no such preset or folder; presets: {', '.join(IMAGE_PRESETS)}"
         )
-    hyperfit.new_settings(dict(given, model=str(model)))
-    run_dir = hyperfit.run_folder_of(given)
-    hyperfit.check_writable_run_dir(run_dir)
+    hf.new_settings(dict(given, model=str(model)))
+    run_dir = hf.run_folder_of(given)
+    runfiles.check_writable_run_dir(run_dir)
     if resume or run_dir.exists():
-        hyperfit.check_run_dir(run_dir, resume, overwrite)
+        runfiles.check_run_dir(run_dir, resume, overwrite)
 
 
 def shape_settings(shape):
@@ -226,7 +229,7 @@ def prepare_model(model, progress=True):
             prepare_digits(tmp, progress)
         else:
             prepare_pretrained(source, tmp)
-        hyperfit.write_atomic(tmp / MARKER, json.dumps(dict(model=str(model), source=source)))
+        runfiles.write_atomic(tmp / MARKER, json.dumps(dict(model=str(model), source=source)))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -240,7 +243,7 @@ def prepare_pretrained(source, folder):
     same code path) into `folder` with a tokenizer of its colour clusters."""
     from transformers import AutoConfig, AutoImageProcessor, ImageGPTForCausalImageModeling
 
-    hyperfit.quiet_libraries()
+    runfiles.quiet_libraries()
     try:
         config = AutoConfig.from_pretrained(source)
         if config.model_type != "imagegpt":
@@ -250,7 +253,7 @@ def prepare_pretrained(source, folder):
     except UsageError:
         raise
     except Exception as e:  # a missing or damaged file, the network
-        raise hyperfit.load_error(source, e) from None
+        raise runfiles.load_error(source, e) from None
     if getattr(processor, "clusters", None) is None:
         raise UsageError(f"--model {source} has no ImageGPT image processor (colour clusters)")
     net.save_pretrained(folder)
@@ -262,7 +265,7 @@ def prepare_pretrained(source, folder):
 def image_tokenizer(words):
     """A tokenizer whose words are the pixel tokens `words` in the model's id order, then <sos>
     (ImageGPT's start of image, its last id), which starts every image as BOS (so
-    hyperfit.bos_prefix finds it) and pads (never seen: the kit always passes attention masks).
+    hf.bos_prefix finds it) and pads (never seen: the kit always passes attention masks).
     tokenizers' WordLevel needs an unknown token: <sos> (images.py checks its data's words)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -283,12 +286,12 @@ def image_shape(folder):
     processor's clusters in [-1, 1]), sos (the start-of-image id)). Checks that they fit."""
     from transformers import AutoConfig, AutoImageProcessor
 
-    hyperfit.quiet_libraries()
+    runfiles.quiet_libraries()
     try:
         config = AutoConfig.from_pretrained(folder)
         processor = AutoImageProcessor.from_pretrained(folder)
     except Exception as e:  # a damaged cache
-        raise hyperfit.load_error(folder, e) from None
+        raise runfiles.load_error(folder, e) from None
     clusters = np.asarray(processor.clusters, dtype=np.float64)
     side = processor.size["height"]
     if side != processor.size["width"] or side % 2 or config.vocab_size != len(clusters) + 1:
@@ -326,7 +329,7 @@ def prepare_digits(folder, progress=True):
     pretrained from scratch on the 1,400 (pretrain_digits), its tokenizer and image processor."""
     from sklearn.datasets import load_digits
 
-    hyperfit.quiet_libraries()
+    runfiles.quiet_libraries()
     digits = load_digits()
     order = np.random.default_rng(PRETRAIN["seed"]).permutation(len(digits.images))
     processor, words = digits_processor(), [f"g{i}" for i in range(DIGIT_LEVELS)]
@@ -348,7 +351,7 @@ def prepare_digits(folder, progress=True):
     net.save_pretrained(folder)
     processor.save_pretrained(folder)
     image_tokenizer(words).save_pretrained(folder)
-    hyperfit.write_atomic(Path(folder) / "pretrain.json", json.dumps(record, indent=2) + "\n")
+    runfiles.write_atomic(Path(folder) / "pretrain.json", json.dumps(record, indent=2) + "\n")
 
 
 def pretrain_digits(train_ids, unseen_ids, progress=True):
@@ -380,9 +383,9 @@ def pretrain_digits(train_ids, unseen_ids, progress=True):
     history = []
     for epoch in range(p["epochs"]):
         total = 0.0
-        for batch in hyperfit.global_batches(len(train_ids), p["batch_size"], p["seed"], epoch):
+        for batch in hf.global_batches(len(train_ids), p["batch_size"], p["seed"], epoch):
             ids = train_ids[batch]
-            loss = hyperfit.plain_loss_sum(net, ids) / ids[:, 1:].numel()
+            loss = hf.plain_loss_sum(net, ids) / ids[:, 1:].numel()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), p["grad_clip"])
@@ -395,7 +398,7 @@ def pretrain_digits(train_ids, unseen_ids, progress=True):
             epochs, loss = f"{epoch + 1}/{p['epochs']}", history[-1]
             print(f"  pretraining epoch {epochs}: loss {loss:.3f} ({elapsed:.0f}s)", flush=True)
     net.eval()
-    unseen = hyperfit.token_statistics(net, unseen_ids, batch_size=128)["loss"]
+    unseen = engine.token_statistics(net, unseen_ids, batch_size=128)["loss"]
     parameters = sum(p.numel() for p in net.parameters())
     record = dict(shape=DIGITS_SHAPE, parameters=parameters, steps=steps, settings=p)
     record.update(seconds=round(time.time() - started, 1), torch_threads=torch.get_num_threads())
@@ -454,7 +457,7 @@ def prepare_data(folder, data, shape, progress=True):
         pictures, labels, names = read_pictures(source, HUB_IMAGES)
         processor = AutoImageProcessor.from_pretrained(folder)
         tokens = pixels_to_tokens(processor, pictures)
-        words = hyperfit.load_tokenizer(folder).convert_ids_to_tokens
+        words = hf.load_tokenizer(folder).convert_ids_to_tokens
         lines = [
             dict(text=" ".join(words(row.tolist())), label=label, id=name)
             for row, label, name in zip(tokens, labels, names)
@@ -505,8 +508,8 @@ def read_pictures(source, limit):
 
 def check_image_lines(data, folder, shape):
     """Every line of a token .jsonl must be one image of this model: side * side known words."""
-    vocabulary = set(hyperfit.load_tokenizer(folder).get_vocab()) - {"<sos>"}
-    for name, text in hyperfit.load_texts(str(data)):
+    vocabulary = set(hf.load_tokenizer(folder).get_vocab()) - {"<sos>"}
+    for name, text in hf.load_texts(str(data)):
         words = text.split()
         if len(words) != shape["side"] ** 2 or not set(words) <= vocabulary:
             raise UsageError(
@@ -517,7 +520,7 @@ def check_image_lines(data, folder, shape):
 
 def write_lines(path, records):
     """A .jsonl file, written atomically."""
-    hyperfit.write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+    runfiles.write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 # -----------------------------------------------------------------------------
@@ -528,7 +531,7 @@ def token_ttr(completions):
     """Mean type-token ratio of the completions (int array [n, pixels]): distinct pixel tokens /
     pixel tokens of each completion, averaged. The paper's TTR (Carlsson et al. 2025, there of
     the last 96 words) over a completed bottom half: low when it repeats a few colours."""
-    return float(np.mean([hyperfit.type_token_ratio(row.tolist()) for row in completions]))
+    return float(np.mean([measures.type_token_ratio(row.tolist()) for row in completions]))
 
 
 def one_colour_share(completions):
@@ -606,8 +609,8 @@ def train_classifier(folder, shape):
         return None
     from sklearn.svm import SVC
 
-    vocabulary = hyperfit.load_tokenizer(folder).get_vocab()
-    records = hyperfit.read_jsonl(path)
+    vocabulary = hf.load_tokenizer(folder).get_vocab()
+    records = runfiles.read_jsonl(path)
     tokens = np.array([[vocabulary[w] for w in r["text"].split()] for r in records])
     features = shape["palette"][tokens].reshape(len(tokens), -1) / 255.0
     return SVC(C=10, gamma="scale").fit(features, [r["label"] for r in records])
@@ -619,7 +622,7 @@ def train_classifier(folder, shape):
 
 class TemperatureSampler:
     """A logits processor that draws the next token from softmax(scores / temperature), seeded,
-    and leaves only it possible: hyperfit.generate's greedy step then takes it (pure temperature
+    and leaves only it possible: engine.generate's greedy step then takes it (pure temperature
     sampling, transformers' do_sample without top-k or top-p)."""
 
     def __init__(self, temperature, seed):
@@ -636,9 +639,9 @@ class TemperatureSampler:
 @contextlib.contextmanager
 def model_of(net, which):
     """The original (adapter off) or the hyperfitted net to generate with: a dense copy on a CPU,
-    the 4-bit net itself on a GPU (hyperfit.scoring_net)."""
+    the 4-bit net itself on a GPU (engine.scoring_net)."""
     with net.disable_adapter() if which == "original" else contextlib.nullcontext():
-        yield hyperfit.scoring_net(net)
+        yield engine.scoring_net(net)
 
 
 def evaluation_data(config, tokenizer, num_images, most=None):
@@ -646,13 +649,13 @@ def evaluation_data(config, tokenizer, num_images, most=None):
     held-out images (never trained on), the first `num_images` (None: all, or at most `most`):
     real (tokens [n, pixels], whole images), blocks (the run's sequences of them), labels."""
     args = config["args"]
-    splits = hyperfit.rebuild_splits(tokenizer, args, config.get("train_fingerprint"))
+    splits = hf.rebuild_splits(tokenizer, args, config.get("train_fingerprint"))
     sources = splits["sources"]["val"] + splits["sources"]["heldout"]
     blocks = torch.cat([splits["val"], splits["heldout"]])
     n = num_images or min(most or len(sources), len(sources))
     if n > len(sources):
         raise UsageError(f"--num-images {n}: the run has {len(sources)} held-out images")
-    lines = Path(hyperfit.absolute_path(args["data"])).read_text(encoding="utf-8").splitlines()
+    lines = Path(runfiles.absolute_path(args["data"])).read_text(encoding="utf-8").splitlines()
     labels = {  # load_texts names an image <file>:<line>
         f"{Path(args['data']).name}:{number}": json.loads(line).get("label")
         for number, line in enumerate(lines, 1)
@@ -664,7 +667,7 @@ def evaluation_data(config, tokenizer, num_images, most=None):
 
 def complete_all(net, data, new_tokens, batch_size, seed, progress):
     """Every mode's completions (tokens [n, new_tokens]) of data["prompts"], both models'
-    sharpness on the held-out sequences (hyperfit.token_statistics) and each model's time."""
+    sharpness on the held-out sequences (engine.token_statistics) and each model's time."""
     completions, sharpness, timing = {}, {}, {}
     for which in ("original", "hyperfitted"):
         clock = time.time()
@@ -673,10 +676,10 @@ def complete_all(net, data, new_tokens, batch_size, seed, progress):
                 sampled = mode.endswith("sampled")
                 processors = [TemperatureSampler(SAMPLING_TEMPERATURE, seed)] if sampled else []
                 desc = mode if progress else None
-                completions[mode] = hyperfit.generate(
+                completions[mode] = engine.generate(
                     scorer, data["prompts"], new_tokens, batch_size, processors, desc=desc
                 )
-            sharpness[which] = hyperfit.token_statistics(scorer, data["blocks"], batch_size)
+            sharpness[which] = engine.token_statistics(scorer, data["blocks"], batch_size)
         timing[f"{which}_s"] = round(time.time() - clock, 1)
     return completions, sharpness, timing
 
@@ -689,25 +692,23 @@ def evaluate_images(run_dir, num_images=None, seed=0, progress=True):
     Returns the report."""
     started, run = time.time(), Path(run_dir)
     what = "pass a finished image run of images.py or hyperfit.py (results/<run>)"
-    config = hyperfit.read_json(run / "config.json", what)
+    config = runfiles.read_json(run / "config.json", what)
     args = config.get("args") or {}
     folder = args.get("model")
     if not folder or not (Path(folder) / MARKER).exists():
         raise UsageError(f"{run} is not an image run (its model has no {MARKER}): {what}")
     if not (run / "adapter" / "adapter_config.json").exists():
         raise UsageError(f"{run} has no adapter/ (the run did not finish): finish it with --resume")
-    shape, tokenizer = image_shape(folder), hyperfit.load_tokenizer(folder)
+    shape, tokenizer = image_shape(folder), hf.load_tokenizer(folder)
     preset = preset_of(folder)
     data = evaluation_data(config, tokenizer, num_images, preset["eval_images"])
     half, sos = shape["side"] ** 2 // 2, shape["sos"]
     data["prompts"] = torch.cat(
         [torch.full((len(data["real"]), 1), sos), data["real"][:, :half]], 1
     )
-    with hyperfit.RunLock(run, "images.py --evaluate " + str(run_dir)):
+    with runfiles.RunLock(run, "images.py --evaluate " + str(run_dir)):
         clock = time.time()
-        net, _ = hyperfit.load_model(
-            folder, args["quant"], str(run / "adapter"), dtype=args["dtype"]
-        )
+        net, _ = hf.load_model(folder, args["quant"], str(run / "adapter"), dtype=args["dtype"])
         timing = dict(load_s=round(time.time() - clock, 1))
         completions, sharpness, generation = complete_all(
             net, data, half, preset["eval_batch"], seed, progress
@@ -741,8 +742,8 @@ def image_report(config, shape, data, completions, classifier):
         classifier=CLASSIFIER_NOTE if classifier is not None else NO_CLASSIFIER,
         modes=measures,
         figure=figure,
-        pretraining=hyperfit.read_json(pretraining, "") if pretraining.exists() else None,
-        environment=hyperfit.environment(),
+        pretraining=runfiles.read_json(pretraining, "") if pretraining.exists() else None,
+        environment=runfiles.environment(),
     )
 
 
@@ -750,7 +751,7 @@ def write_report(out_dir, report):
     """eval/images.json as the whole of eval/ (runfiles.write_folder, as evaluate.py writes
     eval/): a reader (or a kill) sees the old evaluation or the new one, never a mix."""
     files = {"images.json": json.dumps(report, indent=1) + "\n"}
-    hyperfit.write_folder(out_dir, files, "the earlier evaluation is intact")
+    runfiles.write_folder(out_dir, files, "the earlier evaluation is intact")
 
 
 # -----------------------------------------------------------------------------
@@ -761,7 +762,7 @@ def build_parser():
     presets = "; ".join(
         f"{k} = {v['source']} (data: {v['data'] or 'its own'})" for k, v in IMAGE_PRESETS.items()
     )
-    p = hyperfit.Parser(
+    p = runfiles.Parser(
         description="Hyperfit an image model (4-bit + LoRA) on a few images, then complete the "
         "bottom half of held-out images from their top half: <out-dir>/<run-name>/ and its "
         "eval/images.json (python plot.py <run> draws the completion grid). Offline by "
@@ -774,7 +775,7 @@ def build_parser():
     count = "default: all for digits, 128 for ImageGPT"
     p.add_argument("--num-images", type=int, help=f"held-out images to complete ({count})")
     p.add_argument("--evaluate", metavar="RUN", help="only (re)evaluate this finished image run")
-    fields = {field.name: field for field in dataclasses.fields(hyperfit.Settings)}
+    fields = {field.name: field for field in dataclasses.fields(hf.Settings)}
     for name in RUN_OPTIONS:
         flag, help = "--" + name.replace("_", "-"), fields[name].metadata["help"]
         p.add_argument(flag, type=fields[name].type, metavar=name.upper(), help=help)
@@ -790,13 +791,13 @@ def main(argv=None):
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C from here: KeyboardInterrupt
     try:
         args = vars(build_parser().parse_args(argv))
-        hyperfit.check_positive_int("num_images", args["num_images"], optional=True)
+        runfiles.check_positive_int("num_images", args["num_images"], optional=True)
         if args["evaluate"]:
             return evaluate_command(args)
         run = os.path.relpath(images(**{k: v for k, v in args.items() if k != "evaluate"}))
-    except tuple(hyperfit.EXIT_CODES) as e:
+    except tuple(runfiles.EXIT_CODES) as e:
         print(f"images.py: {e}", file=sys.stderr)
-        return next(code for kind, code in hyperfit.EXIT_CODES.items() if isinstance(e, kind))
+        return next(code for kind, code in runfiles.EXIT_CODES.items() if isinstance(e, kind))
     except KeyboardInterrupt:
         print("images.py: aborted; a run keeps its last checkpoint (--resume)", file=sys.stderr)
         return 130

@@ -4,8 +4,9 @@ The paper's human study, whole: a blind A/B page, its key, and the scores of the
 continuation of the same 32-token context; a decoding mode's score is the share of judgments in
 which its text was judged better than or as good as the human text).
 
-    python annotate.py results/reference                      # the page: human_study/annotate.html
-    python annotate.py results/reference --judgments a.json b.json c.json   # -> preference.json
+    python experiments/annotate.py results/reference           # the page: human_study/annotate.html
+    python experiments/annotate.py results/reference --judgments a.json b.json c.json
+                                                              # -> human_study/preference.json
     python plot.py results/reference                          # renders preference.md and .png
 
 Reads the run's evaluation (eval/generations.jsonl: every mode's continuation and the human
@@ -25,6 +26,8 @@ import sys
 
 if __name__ == "__main__" and "__file__" in globals():  # Ctrl-C while the imports below load
     signal.signal(signal.SIGINT, lambda *_: os._exit(print("interrupted", file=sys.stderr) or 130))
+if "__file__" in globals():  # the kit's files (hyperfit.py and the rest) are one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hashlib
 import html
@@ -38,12 +41,13 @@ import krippendorff
 import numpy as np
 
 try:
-    import hyperfit
+    import hyperfit as hf
     import plot
-except ModuleNotFoundError:  # pasted into a notebook after the other scripts' cells
+    import runfiles
+except ModuleNotFoundError:  # pasted into a notebook after the other files' cells: names are here
     import types
 
-    hyperfit = plot = types.SimpleNamespace(**globals())
+    hf = plot = runfiles = types.SimpleNamespace(**globals())
 
 STUDY_DIR = "human_study"  # inside a run folder
 ANNOTATE_MODES = ("original_greedy", "original_top_p", "hyperfitted_greedy", "hyperfitted_blocked")
@@ -72,7 +76,7 @@ def ordered_modes(modes):
     return [m for m in known if m in modes] + [m for m in modes if m not in known]
 
 
-class JudgmentError(hyperfit.UsageError):
+class JudgmentError(hf.UsageError):
     """Bad judgment input: one line saying what was wrong and what to do (the CLI exits 2,
     having written nothing)."""
 
@@ -228,7 +232,7 @@ def build_annotation(pairs, seed=0):
     page. Raises UsageError (one line) for missing fields or a repeated (prompt, mode)."""
     problem = check_pairs(pairs)
     if problem:
-        raise hyperfit.UsageError(problem)
+        raise hf.UsageError(problem)
     rng = random.Random(seed)
     order = presentation_order(annotation_rounds(list(pairs), rng))
     sides = model_sides(order, rng)
@@ -275,7 +279,7 @@ def annotation_html(page_items, page_id, title=DEFAULT_TITLE, instructions=DEFAU
         "__ITEMS_JSON__": script_json(page_items),
         "__PAGE_JSON__": script_json({"page_id": page_id, "format": JUDGMENTS_FORMAT}),
     }
-    template = (Path(hyperfit.repo_root()) / TEMPLATE).read_text(encoding="utf-8")
+    template = (Path(runfiles.repo_root()) / TEMPLATE).read_text(encoding="utf-8")
     return re.sub("|".join(values), lambda match: values[match.group(0)], template)
 
 
@@ -289,22 +293,22 @@ def write_page(run_dir, tokens=ANNOTATE_TOKENS, seed=0, overwrite=False):
         run_dir / "eval" / "generations.jsonl",
         "evaluate the run first: python evaluate.py RUN",
     )
-    summary = hyperfit.read_json(run_dir / "eval" / "summary.json", what)
+    summary = runfiles.read_json(run_dir / "eval" / "summary.json", what)
     if not generations.is_file():
-        raise hyperfit.UsageError(f"{generations} is missing: {what}")
-    hyperfit.check_positive_int("tokens", tokens)
+        raise hf.UsageError(f"{generations} is missing: {what}")
+    runfiles.check_positive_int("tokens", tokens)
     study = run_dir / STUDY_DIR
     if (study / "annotate_key.json").exists() and not overwrite:
-        raise hyperfit.UsageError(
+        raise hf.UsageError(
             f"{study} already holds a page (annotators may be using it, and only its "
             "key scores their files): pass --overwrite to replace it"
         )
-    tokenizer = hyperfit.load_tokenizer(summary["args"]["model"])
-    pairs = annotation_pairs(hyperfit.read_jsonl(generations), tokenizer, tokens)
+    tokenizer = hf.load_tokenizer(summary["args"]["model"])
+    pairs = annotation_pairs(runfiles.read_jsonl(generations), tokenizer, tokens)
     files = page_files(pairs, seed, tokens=tokens, evaluation=evaluation_digest(generations))
-    with hyperfit.RunLock(run_dir, "annotate.py " + " ".join(sys.argv[1:])):
+    with runfiles.RunLock(run_dir, "annotate.py " + " ".join(sys.argv[1:])):
         failure = "nothing was changed: free some space and run it again"
-        hyperfit.write_folder(study, files, failure)
+        runfiles.write_folder(study, files, failure)
     return str(study / "annotate.html")
 
 
@@ -479,14 +483,15 @@ def _judgment_files(judgment_paths):
 def _read_key(key_path):
     if not key_path.is_file():
         raise JudgmentError(
-            f"{key_path} does not exist; build the page first: python annotate.py RUN (it writes "
-            "annotation page annotate.html and its key)"
+            f"{key_path} does not exist; build the page first: python experiments/annotate.py "
+            "RUN (it writes the annotation page annotate.html and its key)"
         )
     try:
         return json.loads(key_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         raise JudgmentError(
-            f"{key_path} is not valid JSON; rebuild the page: python annotate.py RUN --overwrite"
+            f"{key_path} is not valid JSON; rebuild the page: "
+            "python experiments/annotate.py RUN --overwrite"
         ) from None
 
 
@@ -668,7 +673,7 @@ def write_scores(run_dir, judgment_paths, n_boot=N_BOOT):
         "preference.md": preference_table(scores, plot.read_paper()).encode("utf-8"),
         "preference.png": plot._png(plot_preference(scores)),
     }
-    with hyperfit.RunLock(run_dir, "annotate.py " + " ".join(sys.argv[1:])):
+    with runfiles.RunLock(run_dir, "annotate.py " + " ".join(sys.argv[1:])):
         for name, data in files.items():
             plot._write_atomic(study / name, data)
     return scores
@@ -872,7 +877,7 @@ def plot_preference(scores):
 
 
 def build_parser():
-    p = hyperfit.Parser(
+    p = runfiles.Parser(
         description="The paper's human study for a run: its blind page (RUN/human_study/"
         "annotate.html + annotate_key.json), or, with --judgments, the scores of the files the "
         "annotators downloaded from it (RUN/human_study/preference.json; plot.py renders them).",
@@ -899,7 +904,7 @@ def main(argv=None):
             print(f"scores: {judged}; {Path(args.run_dir) / STUDY_DIR / 'preference.md'}")
         else:
             print(write_page(args.run_dir, args.tokens, args.seed, args.overwrite))
-    except hyperfit.UsageError as e:
+    except hf.UsageError as e:
         print(f"annotate.py: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

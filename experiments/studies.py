@@ -3,9 +3,9 @@ The paper's studies, one command each: every run inside a study is an ordinary r
 (hyperfit.py trains it, evaluate.py evaluates it, plot.py draws it), study.json gathers the
 numbers, and the study's figure (study.png) and report.md are drawn from study.json.
 
-    python studies.py data-size   # how much data hyperfitting needs: results/studies/data-size/
-    python studies.py shuffle     # what the data order changes
-    python studies.py quality     # which CPU preset keeps the text real
+    python experiments/studies.py data-size   # how much data hyperfitting needs
+    python experiments/studies.py shuffle     # what the data order changes
+    python experiments/studies.py quality     # which CPU preset keeps the text real
 
 data-size   one run per training-set size (the paper: TTR holds down to 16 sequences, drops at 8)
 shuffle     the same training set in two (or more) data orders (the paper: ~30 % of top-1
@@ -29,6 +29,8 @@ import sys
 
 if __name__ == "__main__" and "__file__" in globals():  # Ctrl-C while the imports below load
     signal.signal(signal.SIGINT, lambda *_: os._exit(print("interrupted", file=sys.stderr) or 130))
+if "__file__" in globals():  # the kit's files (hyperfit.py and the rest) are one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dataclasses
 import json
@@ -39,14 +41,16 @@ import numpy
 import torch
 
 try:
-    import evaluate
-    import hyperfit
+    import engine
+    import evaluate as ev
+    import hyperfit as hf
     import plot
-except ModuleNotFoundError:  # pasted into a notebook after the other scripts' cells
+    import runfiles
+except ModuleNotFoundError:  # pasted into a notebook after the other files' cells: names are here
     import types
 
-    evaluate = hyperfit = plot = types.SimpleNamespace(**globals())
-UsageError = hyperfit.UsageError
+    engine = ev = hf = plot = runfiles = types.SimpleNamespace(**globals())
+UsageError = hf.UsageError
 
 # What each study trains (on top of the model's preset) and how each of its runs is evaluated.
 STUDY_TRAINING = dict(seq_len=64, eval_every=10**6)  # validation at the start and the end only
@@ -112,7 +116,7 @@ def study_plan(study, training=None, sizes=None, order_seeds=None, lrs=None, epo
             else STUDIES[study]["runs"]
         )
         runs = [{k: v for k, v in run.items() if v is not None} for run in grid]
-        full = [hyperfit.new_settings(dict(training or {}, **run)) for run in runs]  # as trained
+        full = [hf.new_settings(dict(training or {}, **run)) for run in runs]  # as trained
         return [(f"lr{f.lr:g}-n{f.num_train}-e{f.epochs}", run) for f, run in zip(full, runs)]
     raise UsageError(f"study {study!r}: choose {', '.join(s.replace('_', '-') for s in STUDIES)}")
 
@@ -128,7 +132,7 @@ def run_study(study, out_dir=None, training=None, evaluation=None, progress=True
     own_training, own_evaluation = study_defaults(study)
     training = dict(own_training, **(training or {}))
     runs = study_plan(study, training, **plan)
-    out_dir = Path(out_dir or hyperfit.absolute_path("results/studies")) / study.replace("_", "-")
+    out_dir = Path(out_dir or runfiles.absolute_path("results/studies")) / study.replace("_", "-")
     evaluation = dict(own_evaluation, **(evaluation or {}))
     check_same_study(out_dir, study, training, evaluation, runs)
     rows = []
@@ -136,7 +140,7 @@ def run_study(study, out_dir=None, training=None, evaluation=None, progress=True
         if progress:
             print(f"== study {study}: run {name}", flush=True)
         rows.append(study_run(out_dir / name, dict(training, **settings), evaluation, progress))
-    command = ["python", "studies.py", study.replace("_", "-")] + study_flags(
+    command = ["python", "experiments/studies.py", study.replace("_", "-")] + study_flags(
         study, training, evaluation, plan
     )
     result = dict(
@@ -152,7 +156,7 @@ def run_study(study, out_dir=None, training=None, evaluation=None, progress=True
         )
     if study == "quality":
         result["choice"] = quality_choice(rows)
-    hyperfit.write_atomic(out_dir / "study.json", json.dumps(result, indent=2) + "\n")
+    runfiles.write_atomic(out_dir / "study.json", json.dumps(result, indent=2) + "\n")
     write_study(out_dir)
     return result
 
@@ -162,7 +166,7 @@ def check_same_study(out_dir, study, training, evaluation, runs):
     each existing run folder's config.json, must be what this command would make."""
     previous = out_dir / "study.json"
     if previous.exists():
-        old = hyperfit.read_json(
+        old = runfiles.read_json(
             previous, "the study's summary is damaged: remove it to rebuild it"
         )
         for what, new in (("training", training), ("evaluation", evaluation)):
@@ -177,10 +181,10 @@ def check_same_study(out_dir, study, training, evaluation, runs):
     for name, settings in runs:
         config = out_dir / name / "config.json"
         if config.exists():
-            made = hyperfit.read_json(
+            made = runfiles.read_json(
                 config, "a study run is damaged: remove its folder to redo it"
             )["args"]
-            wanted = hyperfit.new_settings(
+            wanted = hf.new_settings(
                 dict(training, **settings, run_name=name, out_dir=str(out_dir))
             )
             differs = [
@@ -201,9 +205,9 @@ def study_run(run_dir, training, evaluation, progress):
     skipped, an interrupted one resumed, an evaluation redone if it is missing."""
     run_dir = Path(run_dir)
     if not (run_dir / "adapter" / "adapter_config.json").exists():
-        resume = hyperfit.latest_checkpoint(run_dir) is not None
-        overwrite = not resume and hyperfit.is_run_folder(run_dir)
-        hyperfit.hyperfit(
+        resume = runfiles.latest_checkpoint(run_dir) is not None
+        overwrite = not resume and runfiles.is_run_folder(run_dir)
+        hf.hyperfit(
             run_name=run_dir.name,
             out_dir=str(run_dir.parent),
             resume=resume,
@@ -212,16 +216,16 @@ def study_run(run_dir, training, evaluation, progress):
             **training,
         )
     if not (run_dir / "eval" / "summary.json").exists():
-        evaluate.evaluate(run_dir, progress=progress, **evaluation)
+        ev.evaluate(run_dir, progress=progress, **evaluation)
     return study_row(run_dir, evaluation.get("device"))
 
 
 def study_row(run_dir, device=None):
     """One run's numbers for the study table: the end of training (and the final model's loss on
     its training sequences) and its evaluation."""
-    config = hyperfit.read_json(run_dir / "config.json", "the study's run is damaged")
-    summary = hyperfit.read_json(run_dir / "eval" / "summary.json", "the run's evaluation")
-    last = hyperfit.read_jsonl(run_dir / "metrics.jsonl")[-1]
+    config = runfiles.read_json(run_dir / "config.json", "the study's run is damaged")
+    summary = runfiles.read_json(run_dir / "eval" / "summary.json", "the run's evaluation")
+    last = runfiles.read_jsonl(run_dir / "metrics.jsonl")[-1]
     args = config["args"]
     row = dict(
         run=run_dir.name,
@@ -248,7 +252,7 @@ def study_row(run_dir, device=None):
 def quality_metrics():
     """The (mode, metric) pairs the quality study compares: diversity and quality of greedy text,
     the original's and the human text's beside it."""
-    modes = ("hyperfitted_greedy", "original_greedy", "original_top_p", evaluate.HUMAN)
+    modes = ("hyperfitted_greedy", "original_greedy", "original_top_p", ev.HUMAN)
     keys = ("ttr_first96", "unknown_word_share", "mauve", "ppl_original")
     return [(mode, key) for mode in modes for key in keys]
 
@@ -285,10 +289,10 @@ def quality_choice(rows):
 
 def load_run(run_dir, device=None):
     """A finished run's models (Nets) and its exact data split, for the studies' measurements."""
-    setup = evaluate.resolve_setup(run_dir, evaluate.Options())
-    tokenizer = hyperfit.load_tokenizer(setup["model"])
-    splits = hyperfit.rebuild_splits(tokenizer, setup["split"], setup["train_fingerprint"])
-    return evaluate.load_nets(setup, hyperfit.pick_device(device), None), splits
+    setup = ev.resolve_setup(run_dir, ev.Options())
+    tokenizer = hf.load_tokenizer(setup["model"])
+    splits = hf.rebuild_splits(tokenizer, setup["split"], setup["train_fingerprint"])
+    return ev.load_nets(setup, runfiles.pick_device(device), None), splits
 
 
 @torch.no_grad()
@@ -298,7 +302,7 @@ def final_train_loss(run_dir, device=None):
     steps since the previous validation)."""
     nets, splits = load_run(run_dir, device)
     with nets.use("hyperfitted") as net:
-        return hyperfit.token_statistics(net, splits["train"], evaluate.SCORE_BATCH_SIZE)["loss"]
+        return engine.token_statistics(net, splits["train"], ev.SCORE_BATCH_SIZE)["loss"]
 
 
 @torch.no_grad()
@@ -309,9 +313,7 @@ def validation_top1(run_dir, device=None):
     top1 = {}
     for which in ("hyperfitted", "original"):
         with nets.use(which) as net:
-            stats = hyperfit.token_statistics(
-                net, splits["val"], evaluate.SCORE_BATCH_SIZE, top1=True
-            )
+            stats = engine.token_statistics(net, splits["val"], ev.SCORE_BATCH_SIZE, top1=True)
         top1[which] = stats["top1_ids"]
     return top1["hyperfitted"], top1["original"]
 
@@ -563,7 +565,8 @@ def plot_study(study_or_dir, paper=None):
 
 
 def _read_study(study_dir):
-    study = hyperfit.read_json(Path(study_dir) / "study.json", "rerun python studies.py for it")
+    what = "rerun python experiments/studies.py for it"
+    study = runfiles.read_json(Path(study_dir) / "study.json", what)
     if study.get("study") not in ("data_size", "shuffle", "quality") or not isinstance(
         study.get("rows"), list
     ):
@@ -655,7 +658,7 @@ def number_list(kind):
 
 
 def build_parser():
-    p = hyperfit.Parser(
+    p = runfiles.Parser(
         description="Run one of the paper's studies into results/studies/<study>/ "
         "and draw its figure and report."
     )
@@ -707,15 +710,15 @@ def main(argv=None):
             k: args.pop(k) for k in ("sizes", "order_seeds", "lrs", "epochs") if args[k] is not None
         }
         if args["device"] is not None:
-            hyperfit.pick_device(args["device"])  # before any training: one line if it cannot be
+            runfiles.pick_device(args["device"])  # before any training: one line if it cannot be
         evaluation = {
             k: args.pop(k) for k in ("num_prompts", "new_tokens", "device") if args[k] is not None
         }
         training = {k: v for k, v in args.items() if v is not None}
         result = run_study(study, out_dir, training, evaluation, **plan)
-    except tuple(hyperfit.EXIT_CODES) as e:
+    except tuple(runfiles.EXIT_CODES) as e:
         print(f"studies.py: {e}", file=sys.stderr)
-        return next(code for kind, code in hyperfit.EXIT_CODES.items() if isinstance(e, kind))
+        return next(code for kind, code in runfiles.EXIT_CODES.items() if isinstance(e, kind))
     except KeyboardInterrupt:
         print(
             "studies.py: interrupted; a rerun of the same command picks up where it stopped",
