@@ -827,26 +827,18 @@ def write_evaluation(out_dir, summary, records):
 
 
 def command_line(args):
-    """The evaluate.py command line that reproduces these arguments (for table.md and README)."""
-    words = ["python", "evaluate.py"]
-    words += [args["run_dir"]] if args["run_dir"] else ["--model", args["model"]]
-    keys = [
-        "modes",
-        "num_prompts",
-        "new_tokens",
-        "block_ngrams",
-        "top_p",
-        "temperature",
-        "top_k",
-        "batch_size",
-        "seed",
-        "sharpness_seqs",
-    ]
-    values = {key: args[key] for key in keys}
-    if not args["run_dir"]:  # a run brings its own split
-        values.update({k: args["split"][k] for k in SPLIT})
-    for key, value in values.items():
-        words += [f"--{key.replace('_', '-')}", ",".join(value) if key == "modes" else str(value)]
+    """The evaluate.py command line that reproduces these arguments (for table.md and README):
+    every option of Options as evaluated, but the output folder, where it was written."""
+    words = ["python", "evaluate.py"] + ([args["run_dir"]] if args["run_dir"] else [])
+    values = dict(args, **({} if args["run_dir"] else args["split"]))  # a bare model's split
+    for field in dataclasses.fields(Options):
+        value, flag = values.get(field.name), "--" + field.name.replace("_", "-")
+        if value is None or field.name == "out_dir" or (field.name == "model" and args["run_dir"]):
+            continue
+        if field.type is bool:
+            words.append(flag if value else flag.replace("--", "--no-"))
+        else:
+            words += [flag, ",".join(value) if field.name == "modes" else str(value)]
     return shlex.join(words)
 
 
@@ -881,7 +873,8 @@ def main(argv=None):
             "evaluate.py: interrupted; the earlier evaluation, if any, is intact", file=sys.stderr
         )
         return 130
-    next_step = f"python plot.py {args['run_dir']}" if args["run_dir"] else "python plot.py"
+    folder = args["run_dir"] or Path(summary["args"]["out_dir"]).parent  # a bare model's folder
+    next_step = f"python plot.py {folder}"
     print(
         f"done in {summary['timing_s']['total_s']:.0f}s: {summary['args']['out_dir']} "
         f"(next: {next_step})"

@@ -405,7 +405,8 @@ def validate_and_log(run):
         train_loss = run.loss_sum / run.loss_count if run.loss_count else None
         epoch, elapsed = round(step / run.steps_per_epoch, 4), round(run.elapsed(), 2)
         record = dict(step=step, epoch=epoch, elapsed_s=elapsed, train_loss=train_loss, **record)
-        runfiles.append_jsonl(run.run_dir / "metrics.jsonl", dict(record, lr=s.lr))
+        lr = run.optimizer.param_groups[0]["lr"]  # what the optimizer used, not the setting
+        runfiles.append_jsonl(run.run_dir / "metrics.jsonl", dict(record, lr=lr))
         for i, sample in enumerate(samples):
             sample = dict(step=step, prompt_id=i, **sample)
             runfiles.append_jsonl(run.run_dir / "samples.jsonl", sample)

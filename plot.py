@@ -1,6 +1,7 @@
 """
-Every figure and every Markdown file of the kit, rendered from the JSON that hyperfit.py,
-evaluate.py, studies.py and annotate.py write. Standalone and torch-free (matplotlib, numpy): it
+A run's figures and Markdown files, rendered from the JSON that hyperfit.py and evaluate.py
+write (and the human study's page key, from experiments/annotate.py); the studies and the human
+study's scores draw their own (experiments/). Standalone and torch-free (matplotlib, numpy): it
 imports no other file of the kit, and pasted into a notebook cell it only defines its functions.
 
     python plot.py results/<run>                       # every figure and page of one run

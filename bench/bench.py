@@ -32,13 +32,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 # the kit's folder: bench/.. when run as a file, the working directory when pasted in a notebook
 ROOT = Path(__file__).resolve().parents[1] if "__file__" in globals() else Path.cwd()
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the kit, and its tests' tiny random models
-import tiny  # noqa: E402
-
 import engine  # noqa: E402
 import evaluate  # noqa: E402
 import hyperfit  # noqa: E402
 import measures  # noqa: E402
 import runfiles  # noqa: E402
+import tiny  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # defaults: the paper's batch, prompts, training set (the blocking and overlap index), outputs

@@ -7,7 +7,6 @@ which its text was judged better than or as good as the human text).
     python experiments/annotate.py results/reference           # the page: human_study/annotate.html
     python experiments/annotate.py results/reference --judgments a.json b.json c.json
                                                               # -> human_study/preference.json
-    python plot.py results/reference                          # renders preference.md and .png
 
 Reads the run's evaluation (eval/generations.jsonl: every mode's continuation and the human
 continuation of each prompt, from evaluate.py) and writes <run>/human_study/:

@@ -11,9 +11,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]  # the kit, and its side experiments
 
-import tiny  # noqa: E402
-
 import hyperfit  # noqa: E402
+import tiny  # noqa: E402
 
 ALICE = ROOT / "data" / "fiction" / "carroll_alice_in_wonderland.txt"
 # a tiny run: 64-token sequences, 24 training sequences (3 steps per epoch at batch 8)

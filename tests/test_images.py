@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tiny
 import torch
 
 import engine
@@ -16,6 +15,7 @@ import hyperfit
 import images
 import plot
 import runfiles
+import tiny
 
 SIDE, CLUSTERS, PICTURES = 4, 8, 40  # 4x4 images of 8 colours; 40 of them, in two classes
 TINY_IMAGE_RUN = dict(

@@ -3,6 +3,7 @@ at tiny settings, and each script pasted whole into a cell, in a folder without 
 Colab), defines its functions and neither exits nor starts work."""
 
 import os
+import shutil
 
 import nbformat
 import pytest
@@ -145,8 +146,8 @@ def test_the_pasted_files_run_the_documented_calls(tmp_path, tiny_model_dir):
     and the plot functions. A later file's paste header must not shadow an earlier name."""
     data = tmp_path / "alice.txt"
     data.write_text((ROOT / "data/fiction/carroll_alice_in_wonderland.txt").read_text())
-    work = tmp_path / "work"
-    work.mkdir()
+    work = tmp_path / "work"  # the kit's data/ beside the cells, as docs/usage.md says
+    shutil.copytree(ROOT / "data" / "nltk_data", work / "data" / "nltk_data")
     settings = dict(TINY_RUN, epochs=2, data=str(data), out_dir=str(tmp_path / "runs"))
     calls = f"""
 run_dir = hyperfit(model={tiny_model_dir!r}, run_name="pasted", **{settings!r})

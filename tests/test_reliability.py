@@ -276,7 +276,7 @@ def test_a_lock_left_by_a_killed_process_does_not_block(base_args, tmp_path, cap
             "-c",
             f"""
 import sys, time; sys.path.insert(0, {str(ROOT)!r})
-import hyperfit
+import runfiles
 with runfiles.RunLock({str(folder)!r}, "hyperfit.py (killed)"):
     print("locked", flush=True); time.sleep(60)
 """,

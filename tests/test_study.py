@@ -8,11 +8,11 @@ import re
 import shutil
 
 import pytest
-import studies
 
 import hyperfit
 import plot
 import runfiles
+import studies
 
 TRAINING = dict(
     seq_len=64,
