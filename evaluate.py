@@ -720,21 +720,19 @@ def evaluate(run_dir=None, progress=True, **options):
 
 def check_out_dir(setup, out_dir):
     """Where the evaluation goes: <run>/eval by default. A folder of its own is replaced whole, so
-    it must be a new folder, an empty one, or an earlier evaluation (it holds summary.json or
-    generations.jsonl), and it may not lie inside another run's folder."""
+    it must be a new folder, an empty one, or an earlier evaluation: not a link (its target lies
+    beyond the run), holding nothing but the kit's files of an evaluation (runfiles.EVAL_FILES),
+    and outside the run an evaluation's summary.json or generations.jsonl; and it may not lie
+    inside another run's folder."""
     run = setup["run_dir"]
     default = (
         Path(run) / "eval"
         if run
         else Path(runfiles.absolute_path(hf.Settings.out_dir)) / setup["run_name"] / "eval"
     )
-    out_dir = Path(out_dir).expanduser().resolve() if out_dir else default.resolve()
-    earlier = {"summary.json", "generations.jsonl"} & {p.name for p in out_dir.glob("*")}
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()) and not earlier):
-        raise UsageError(
-            f"--out-dir {out_dir} holds other files and is not an evaluation "
-            "folder: an evaluation replaces its folder whole; choose a new folder"
-        )
+    out_dir = Path(os.path.abspath(Path(out_dir).expanduser() if out_dir else default))
+    out_dir = out_dir.parent.resolve() / out_dir.name  # the folder itself: a link stays a link
+    inside = run is not None and out_dir.is_relative_to(Path(run).resolve())
     for folder in [out_dir, *out_dir.parents]:
         if (folder / "config.json").exists() and runfiles.is_run_folder(folder):
             if run is None or folder != Path(run).resolve():
@@ -742,6 +740,15 @@ def check_out_dir(setup, out_dir):
                     f"--out-dir {out_dir} lies inside the run {folder}: evaluate "
                     "into a folder of its own, or into this run's eval/"
                 )
+    why = runfiles.foreign_entry(out_dir, runfiles.EVAL_FILES)
+    names = {p.name for p in out_dir.iterdir()} if out_dir.is_dir() and not why else set()
+    if not why and names and not inside and not {"summary.json", "generations.jsonl"} & names:
+        why = "holds no summary.json"
+    if why:
+        raise UsageError(
+            f"--out-dir {out_dir} is not an evaluation folder ({why}): an evaluation replaces "
+            "its folder whole; move that away or choose a new folder"
+        )
     writable = next(p for p in [out_dir, *out_dir.parents] if p.exists())
     if not (writable.is_dir() and os.access(writable, os.W_OK)):
         raise UsageError(
@@ -823,7 +830,7 @@ def write_evaluation(out_dir, summary, records):
         "summary.json": json.dumps(summary, indent=2) + "\n",
     }
     failure = "the earlier evaluation is intact: free some space and run it again"
-    runfiles.write_folder(out_dir, files, failure)
+    runfiles.write_folder(out_dir, files, failure, owned=runfiles.EVAL_FILES)
 
 
 def command_line(args):

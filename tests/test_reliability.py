@@ -726,3 +726,66 @@ def test_out_dir_into_another_run_or_a_foreign_folder_is_refused(finished_run, t
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err
         assert tree(out_dir.parent) == before
+
+
+# (issue "Reliability, round four"): each case below first broke the kit
+
+
+def test_out_dir_holding_a_summary_beside_a_user_s_files_is_refused(finished_run, tmp_path, capsys):
+    import evaluate
+
+    run, thesis = copy_run(finished_run, tmp_path), tmp_path / "thesis"
+    (thesis / "sub").mkdir(parents=True)
+    (thesis / "summary.json").write_text("{}")
+    (thesis / "thesis.txt").write_text("three years of work")
+    (thesis / "sub" / "notes.txt").write_text("notes")
+    before = tree(tmp_path)
+    assert evaluate.main([str(run), "--out-dir", str(thesis), "--num-prompts", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not an evaluation folder" in err
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("outside_files", [["summary.json", "thesis.txt"], ["summary.json"]])
+def test_an_eval_link_to_an_outside_folder_is_refused(
+    finished_run, tmp_path, capsys, outside_files
+):
+    import evaluate
+
+    run, outside = copy_run(finished_run, tmp_path), tmp_path / "outside"
+    outside.mkdir()
+    for name in outside_files:
+        (outside / name).write_text("{}")
+    (run / "eval").symlink_to(outside, target_is_directory=True)
+    before = tree(tmp_path)
+    assert evaluate.main([str(run), "--num-prompts", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a link" in err
+    assert tree(tmp_path) == before and (run / "eval").is_symlink()
+
+
+def test_write_folder_replaces_only_a_folder_of_the_kit_s_own_files(tmp_path):
+    """The one place that replaces folders whole (evaluate.py's eval/, images.py's eval/,
+    annotate.py's human_study/): a user's file in it, a sub-folder, or a link stops it."""
+    folder, outside = tmp_path / "human_study", tmp_path / "outside"
+    folder.mkdir()
+    (folder / "annotate.html").write_text("old page")
+    (folder / ".annotate.html.tmp123").write_text("left by a kill")
+    runfiles.write_folder(folder, {"annotate.html": "new"}, "", owned={"annotate.html"})
+    assert tree(folder) == ["annotate.html"] and (folder / "annotate.html").read_text() == "new"
+    for extra in ("judgments-ann1.json", "sub/notes.txt"):
+        (folder / extra).parent.mkdir(exist_ok=True)
+        (folder / extra).write_text("an annotator's")
+        before = tree(tmp_path)
+        with pytest.raises(runfiles.UsageError, match="the kit did not write"):
+            runfiles.write_folder(folder, {"annotate.html": "x"}, "", owned={"annotate.html"})
+        assert tree(tmp_path) == before
+        runfiles.shutil.rmtree(folder / extra.split("/")[0], ignore_errors=True)
+        (folder / extra).unlink(missing_ok=True)
+    outside.mkdir()
+    (outside / "annotate.html").write_text("theirs")
+    link = tmp_path / "linked"
+    link.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(runfiles.UsageError, match="is a link"):
+        runfiles.write_folder(link, {"annotate.html": "x"}, "", owned={"annotate.html"})
+    assert (outside / "annotate.html").read_text() == "theirs"
