@@ -105,7 +105,7 @@ class Options:
     temperature: float = setting(0.7, "original_top_p: temperature (the paper's)")
     top_k: int = setting(50, "original_top_p: top-k, 0 = off (the paper's)")
     batch_size: int = setting(128, "continuations generated at once (modes share them)")
-    seed: int = setting(0, "sampling seed")
+    seed: int = setting(0, "sampling seed", least=0, below=hf.SEED_LIMIT)
     quant: str = setting(None, "base weights: 4bit, 8bit or none (default: the run's)")
     dtype: str = setting(None, "compute dtype (default: the run's)")
     device: str = setting(None, "cpu or cuda (default: cuda if there is one)")
@@ -135,10 +135,13 @@ def resolve_options(given, device):
             setattr(options, name, values[kind])
     for name in ("num_prompts", "new_tokens", "sharpness_seqs", "batch_size", "block_ngrams"):
         runfiles.check_positive_int(name, getattr(options, name))
+    for field in dataclasses.fields(Options):  # the seed: MAUVE fails on it only after generating
+        runfiles.check_limits(field, getattr(options, field.name))
     o = options
-    if not 0 < o.top_p <= 1 or not o.temperature > 0 or isinstance(o.top_k, bool) or o.top_k < 0:
+    wrong_temperature = not (o.temperature > 0 and math.isfinite(o.temperature))  # nan, inf, <= 0
+    if not 0 < o.top_p <= 1 or wrong_temperature or isinstance(o.top_k, bool) or o.top_k < 0:
         raise UsageError(
-            f"sampling needs 0 < --top-p <= 1, --temperature > 0 and --top-k >= 0 "
+            f"sampling needs 0 < --top-p <= 1, a finite --temperature > 0 and --top-k >= 0 "
             f"(0 = off); got {o.top_p}, {o.temperature}, {o.top_k}"
         )
     if o.mauve_features != "original" and not any(

@@ -496,6 +496,24 @@ def test_bad_input_exits_2_and_writes_nothing(tiny_hyperfitted, argv, message, c
 
 
 @pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seed", "-1"], "--seed must be an integer in [0, 2**63), got -1"),
+        (["--seed", "99999999999999999999999"], "--seed must be an integer in [0, 2**63)"),
+        (["--temperature", "inf"], "a finite --temperature > 0"),
+        (["--temperature", "nan"], "a finite --temperature > 0"),
+        (["--temperature", "0"], "a finite --temperature > 0"),
+    ],
+)
+def test_a_seed_or_temperature_out_of_range_is_refused_before_any_work(
+    tiny_hyperfitted, argv, message, capsys, monkeypatch
+):
+    """A seed of 2**63 or more failed inside MAUVE, after every continuation was generated."""
+    monkeypatch.setattr(evaluate, "load_nets", lambda *a: pytest.fail("the work started"))
+    test_bad_input_exits_2_and_writes_nothing(tiny_hyperfitted, argv, message, capsys)
+
+
+@pytest.mark.parametrize(
     "damage, message",
     [
         (
