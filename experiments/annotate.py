@@ -912,6 +912,12 @@ def main(argv=None):
     except hf.UsageError as e:
         print(f"annotate.py: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk while writing the scores: each file is whole or absent
+        print(
+            f"annotate.py: cannot write {e.filename} ({e.strerror}); check the folder",
+            file=sys.stderr,
+        )
+        return 2
     except KeyboardInterrupt:
         print("annotate.py: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -789,3 +789,25 @@ def test_write_folder_replaces_only_a_folder_of_the_kit_s_own_files(tmp_path):
     with pytest.raises(runfiles.UsageError, match="is a link"):
         runfiles.write_folder(link, {"annotate.html": "x"}, "", owned={"annotate.html"})
     assert (outside / "annotate.html").read_text() == "theirs"
+
+
+def test_a_full_disk_while_plotting_leaves_no_temporary_file_and_names_the_file(
+    finished_run, tmp_path, monkeypatch, capsys
+):
+    import errno
+
+    import plot
+
+    run = copy_run(finished_run, tmp_path)
+    before = tree(run)
+
+    def full(self, data):
+        with open(self, "wb") as f:
+            f.write(data[:10])  # part of it reaches the disk, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plot.Path, "write_bytes", full)
+    assert plot.main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "training_curves.png" in err and "None" not in err
+    assert tree(run) == before  # no .training_curves.png.tmpNNN left behind
