@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import time
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -223,6 +224,16 @@ def check_run_name(name):
         raise UsageError(
             f"--run-name {name!r}: a run name is one plain folder name (no '/', not "
             "empty, not '.' or '..'); choose one with --run-name"
+        )
+    if any(unicodedata.category(c) == "Cc" for c in name):  # a newline splits every log line
+        raise UsageError(
+            f"--run-name {name!r}: a run name is one plain folder name, without control "
+            "characters (a newline, a tab); choose one with --run-name"
+        )
+    if len(name.encode("utf-8", "surrogateescape")) > 255:  # the filesystems' limit is in bytes
+        raise UsageError(
+            f"--run-name is {len(name.encode('utf-8', 'surrogateescape'))} bytes in UTF-8: "
+            "a folder name has at most 255; choose a shorter one with --run-name"
         )
     return name
 

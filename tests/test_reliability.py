@@ -811,3 +811,20 @@ def test_a_full_disk_while_plotting_leaves_no_temporary_file_and_names_the_file(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "training_curves.png" in err and "None" not in err
     assert tree(run) == before  # no .training_curves.png.tmpNNN left behind
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("a\nb", "without control characters"),
+        ("run\x1b[31m", "without control characters"),
+        ("tab\there", "without control characters"),
+        ("€" * 100, "at most 255"),  # 100 characters, 300 bytes: Errno 36 from the filesystem
+    ],
+)
+def test_a_run_name_with_a_control_character_or_over_255_bytes_is_one_line(
+    base_args, tmp_path, capsys, name, message
+):
+    code, err = cli(base_args + ["--run-name", name], capsys)
+    assert code == 2 and len(err) == 1 and message in err[0]
+    assert tree(tmp_path / "results") == []
