@@ -790,7 +790,13 @@ def load_hub_texts(dataset):
 
 
 def read_text_file(file):
-    """(name, text) pairs of one .txt file (one text) or .jsonl file (a "text" string per line)."""
+    """(name, text) pairs of one .txt file (one text) or .jsonl file (a "text" string per line).
+    Anything but a regular file (a named pipe, a device) is refused: reading one may never end."""
+    if not file.is_file():
+        raise UsageError(
+            f"--data: {file} is not a regular file (a named pipe or a device?): pass a .txt or "
+            ".jsonl file, or a folder of .txt files"
+        )
     try:
         raw = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

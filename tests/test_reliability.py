@@ -828,3 +828,25 @@ def test_a_run_name_with_a_control_character_or_over_255_bytes_is_one_line(
     code, err = cli(base_args + ["--run-name", name], capsys)
     assert code == 2 and len(err) == 1 and message in err[0]
     assert tree(tmp_path / "results") == []
+
+
+@pytest.mark.parametrize("in_folder", [False, True])
+def test_a_named_pipe_as_data_is_one_line_not_a_hang(base_args, tmp_path, capsys, in_folder):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("some text " * 100)
+    os.mkfifo(folder / "pipe.txt")  # nothing ever writes to it: reading it waits forever
+
+    def hung(*_):
+        raise TimeoutError("--data on a named pipe hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        data = folder if in_folder else folder / "pipe.txt"
+        code, err = cli(replace(base_args, "--data", data), capsys)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert code == 2 and len(err) == 1 and "is not a regular file" in err[0]
+    assert tree(tmp_path / "results") == []
