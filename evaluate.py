@@ -379,16 +379,7 @@ def resolve_setup(run_dir, options):
     args = config.get("args")
     if not isinstance(args, dict) or any(k not in args for k in ("model", "quant", "seed", *SPLIT)):
         raise UsageError(f'{run}/config.json has no complete "args": {what}')
-    adapter = run / "adapter"
-    if not (adapter / "adapter_config.json").exists():
-        raise UsageError(
-            f"{run_dir} has no adapter/ (the run did not finish): finish it with "
-            f"python hyperfit.py --run-name {run.name} --out-dir {run.parent} --resume,"
-            " or pass --model alone to evaluate the original model"
-        )
-    runfiles.read_json(
-        adapter / "adapter_config.json", "the run's adapter is damaged; redo the run"
-    )
+    adapter = check_run_adapter(run, run_dir, args)
     if options.model is not None and options.model != args["model"]:
         raise UsageError(
             f"--model {options.model} differs from the base model {args['model']} "
@@ -404,6 +395,29 @@ def resolve_setup(run_dir, options):
         split={k: args[k] for k in (*SPLIT, "seed")},
         run_dir=str(run),
     )
+
+
+def check_run_adapter(run, run_dir, args):
+    """The adapter of a finished text run (its folder), else a UsageError that says what to do.
+    An image run (images.py's: its model folder holds image_model.json, its evaluation is
+    eval/images.json) is evaluated by images.py, which measures images, not text."""
+    image_marker = Path(runfiles.absolute_path(args["model"])) / "image_model.json"
+    if image_marker.exists() or (run / "eval" / "images.json").exists():
+        raise UsageError(
+            f"{run_dir} is an image run: evaluate it with "
+            f"python experiments/images.py --evaluate {run_dir}"
+        )
+    adapter = run / "adapter"
+    if not (adapter / "adapter_config.json").exists():
+        raise UsageError(
+            f"{run_dir} has no adapter/ (the run did not finish): finish it with "
+            f"python hyperfit.py --run-name {run.name} --out-dir {run.parent} --resume,"
+            " or pass --model alone to evaluate the original model"
+        )
+    runfiles.read_json(
+        adapter / "adapter_config.json", "the run's adapter is damaged; redo the run"
+    )
+    return adapter
 
 
 def load_eval_data(tokenizer, setup, options):
