@@ -105,7 +105,7 @@ class Options:
     temperature: float = setting(0.7, "original_top_p: temperature (the paper's)")
     top_k: int = setting(50, "original_top_p: top-k, 0 = off (the paper's)")
     batch_size: int = setting(128, "continuations generated at once (modes share them)")
-    seed: int = setting(0, "sampling seed")
+    seed: int = setting(0, "sampling seed", least=0, below=hf.SEED_LIMIT)
     quant: str = setting(None, "base weights: 4bit, 8bit or none (default: the run's)")
     dtype: str = setting(None, "compute dtype (default: the run's)")
     device: str = setting(None, "cpu or cuda (default: cuda if there is one)")
@@ -135,10 +135,13 @@ def resolve_options(given, device):
             setattr(options, name, values[kind])
     for name in ("num_prompts", "new_tokens", "sharpness_seqs", "batch_size", "block_ngrams"):
         runfiles.check_positive_int(name, getattr(options, name))
+    for field in dataclasses.fields(Options):  # the seed: MAUVE fails on it only after generating
+        runfiles.check_limits(field, getattr(options, field.name))
     o = options
-    if not 0 < o.top_p <= 1 or not o.temperature > 0 or isinstance(o.top_k, bool) or o.top_k < 0:
+    wrong_temperature = not (o.temperature > 0 and math.isfinite(o.temperature))  # nan, inf, <= 0
+    if not 0 < o.top_p <= 1 or wrong_temperature or isinstance(o.top_k, bool) or o.top_k < 0:
         raise UsageError(
-            f"sampling needs 0 < --top-p <= 1, --temperature > 0 and --top-k >= 0 "
+            f"sampling needs 0 < --top-p <= 1, a finite --temperature > 0 and --top-k >= 0 "
             f"(0 = off); got {o.top_p}, {o.temperature}, {o.top_k}"
         )
     if o.mauve_features != "original" and not any(
@@ -376,16 +379,7 @@ def resolve_setup(run_dir, options):
     args = config.get("args")
     if not isinstance(args, dict) or any(k not in args for k in ("model", "quant", "seed", *SPLIT)):
         raise UsageError(f'{run}/config.json has no complete "args": {what}')
-    adapter = run / "adapter"
-    if not (adapter / "adapter_config.json").exists():
-        raise UsageError(
-            f"{run_dir} has no adapter/ (the run did not finish): finish it with "
-            f"python hyperfit.py --run-name {run.name} --out-dir {run.parent} --resume,"
-            " or pass --model alone to evaluate the original model"
-        )
-    runfiles.read_json(
-        adapter / "adapter_config.json", "the run's adapter is damaged; redo the run"
-    )
+    adapter = check_run_adapter(run, run_dir, args)
     if options.model is not None and options.model != args["model"]:
         raise UsageError(
             f"--model {options.model} differs from the base model {args['model']} "
@@ -401,6 +395,29 @@ def resolve_setup(run_dir, options):
         split={k: args[k] for k in (*SPLIT, "seed")},
         run_dir=str(run),
     )
+
+
+def check_run_adapter(run, run_dir, args):
+    """The adapter of a finished text run (its folder), else a UsageError that says what to do.
+    An image run (images.py's: its model folder holds image_model.json, its evaluation is
+    eval/images.json) is evaluated by images.py, which measures images, not text."""
+    image_marker = Path(runfiles.absolute_path(args["model"])) / "image_model.json"
+    if image_marker.exists() or (run / "eval" / "images.json").exists():
+        raise UsageError(
+            f"{run_dir} is an image run: evaluate it with "
+            f"python experiments/images.py --evaluate {run_dir}"
+        )
+    adapter = run / "adapter"
+    if not (adapter / "adapter_config.json").exists():
+        raise UsageError(
+            f"{run_dir} has no adapter/ (the run did not finish): finish it with "
+            f"python hyperfit.py --run-name {run.name} --out-dir {run.parent} --resume,"
+            " or pass --model alone to evaluate the original model"
+        )
+    runfiles.read_json(
+        adapter / "adapter_config.json", "the run's adapter is damaged; redo the run"
+    )
+    return adapter
 
 
 def load_eval_data(tokenizer, setup, options):
@@ -720,21 +737,19 @@ def evaluate(run_dir=None, progress=True, **options):
 
 def check_out_dir(setup, out_dir):
     """Where the evaluation goes: <run>/eval by default. A folder of its own is replaced whole, so
-    it must be a new folder, an empty one, or an earlier evaluation (it holds summary.json or
-    generations.jsonl), and it may not lie inside another run's folder."""
+    it must be a new folder, an empty one, or an earlier evaluation: not a link (its target lies
+    beyond the run), holding nothing but the kit's files of an evaluation (runfiles.EVAL_FILES),
+    and outside the run an evaluation's summary.json or generations.jsonl; and it may not lie
+    inside another run's folder."""
     run = setup["run_dir"]
     default = (
         Path(run) / "eval"
         if run
         else Path(runfiles.absolute_path(hf.Settings.out_dir)) / setup["run_name"] / "eval"
     )
-    out_dir = Path(out_dir).expanduser().resolve() if out_dir else default.resolve()
-    earlier = {"summary.json", "generations.jsonl"} & {p.name for p in out_dir.glob("*")}
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()) and not earlier):
-        raise UsageError(
-            f"--out-dir {out_dir} holds other files and is not an evaluation "
-            "folder: an evaluation replaces its folder whole; choose a new folder"
-        )
+    out_dir = Path(os.path.abspath(Path(out_dir).expanduser() if out_dir else default))
+    out_dir = out_dir.parent.resolve() / out_dir.name  # the folder itself: a link stays a link
+    inside = run is not None and out_dir.is_relative_to(Path(run).resolve())
     for folder in [out_dir, *out_dir.parents]:
         if (folder / "config.json").exists() and runfiles.is_run_folder(folder):
             if run is None or folder != Path(run).resolve():
@@ -742,6 +757,15 @@ def check_out_dir(setup, out_dir):
                     f"--out-dir {out_dir} lies inside the run {folder}: evaluate "
                     "into a folder of its own, or into this run's eval/"
                 )
+    why = runfiles.foreign_entry(out_dir, runfiles.EVAL_FILES)
+    names = {p.name for p in out_dir.iterdir()} if out_dir.is_dir() and not why else set()
+    if not why and names and not inside and not {"summary.json", "generations.jsonl"} & names:
+        why = "holds no summary.json"
+    if why:
+        raise UsageError(
+            f"--out-dir {out_dir} is not an evaluation folder ({why}): an evaluation replaces "
+            "its folder whole; move that away or choose a new folder"
+        )
     writable = next(p for p in [out_dir, *out_dir.parents] if p.exists())
     if not (writable.is_dir() and os.access(writable, os.W_OK)):
         raise UsageError(
@@ -823,7 +847,7 @@ def write_evaluation(out_dir, summary, records):
         "summary.json": json.dumps(summary, indent=2) + "\n",
     }
     failure = "the earlier evaluation is intact: free some space and run it again"
-    runfiles.write_folder(out_dir, files, failure)
+    runfiles.write_folder(out_dir, files, failure, owned=runfiles.EVAL_FILES)
 
 
 def command_line(args):

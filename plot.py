@@ -983,12 +983,21 @@ def run_report(run, human_study):
 
 
 def _write_atomic(path, data):
-    """Write bytes to a temporary name beside `path` and rename: no half-written file, ever."""
+    """Write bytes to a temporary name beside `path` and rename: no half-written file, ever. On
+    any failure the temporary file goes too, and an OSError names `path` (a full disk's error
+    names no file)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+    except BaseException:  # Ctrl-C mid-write: no leftover either
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _png(fig, fmt="png"):

@@ -21,12 +21,14 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -104,12 +106,50 @@ def write_atomic(path, text):
         tmp.unlink(missing_ok=True)
 
 
-def write_folder(folder, files, failure):
+# what the kit writes into a run's eval/ (evaluate.py, images.py, plot.py): the only files a new
+# evaluation may replace there; anything else in the folder is someone else's and stops it
+EVAL_FILES = frozenset(
+    {"summary.json", "generations.jsonl", "images.json", "table.md", "paper_comparison.md"}
+    | {"repetition.html"}
+    | {
+        f"{name}.{ext}"
+        for name in ("decoding_comparison", "ttr_by_position", "quality", "completions")
+        for ext in ("png", "svg")
+    }
+)
+
+
+def foreign_entry(folder, owned):
+    """Why `folder` may not be replaced whole, or None: it is a link (its target lies elsewhere,
+    beyond the kit's reach), not a folder, or it holds something other than the files `owned`
+    (names the kit writes there, or a temporary file of write_atomic left by a kill)."""
+    folder = Path(folder)
+    if folder.is_symlink():
+        return f"is a link to {os.readlink(folder)}"
+    if not folder.exists():
+        return None
+    if not folder.is_dir():
+        return "is not a folder"
+    for entry in sorted(folder.iterdir()):
+        leftover = re.fullmatch(r"\.(.+)\.tmp\d+", entry.name)
+        name = leftover.group(1) if leftover else entry.name
+        if name not in owned or entry.is_symlink() or not entry.is_file():
+            return f"holds {entry.name}, which the kit did not write there"
+    return None
+
+
+def write_folder(folder, files, failure, owned=None):
     """Write `files` ({name: text}) as the whole of `folder`: into a new folder beside it that
     then takes its place, so a reader (or a kill, or a full disk) sees the old folder or the new
-    one, never a mix; whatever else the old folder held goes with it. An OSError while writing is
-    a UsageError: "could not write <folder> (<why>); <failure>", the old folder untouched."""
+    one, never a mix. The old folder goes with it, so it must hold only `owned` files (names the
+    kit writes there; default: those of `files`) and not be a link: else a UsageError, nothing
+    touched. An OSError while writing is a UsageError: "could not write <folder> (<why>);
+    <failure>", the old folder untouched."""
     folder = Path(folder)
+    if why := foreign_entry(folder, set(files) if owned is None else owned):
+        raise UsageError(
+            f"{folder} {why}: it would be replaced whole; move that away or write elsewhere"
+        )
     tmp, old = folder.with_name(f".{folder.name}.new"), folder.with_name(f".{folder.name}.old")
     for leftover in (tmp, old):
         shutil.rmtree(leftover, ignore_errors=True)
@@ -184,6 +224,16 @@ def check_run_name(name):
         raise UsageError(
             f"--run-name {name!r}: a run name is one plain folder name (no '/', not "
             "empty, not '.' or '..'); choose one with --run-name"
+        )
+    if any(unicodedata.category(c) == "Cc" for c in name):  # a newline splits every log line
+        raise UsageError(
+            f"--run-name {name!r}: a run name is one plain folder name, without control "
+            "characters (a newline, a tab); choose one with --run-name"
+        )
+    if len(name.encode("utf-8", "surrogateescape")) > 255:  # the filesystems' limit is in bytes
+        raise UsageError(
+            f"--run-name is {len(name.encode('utf-8', 'surrogateescape'))} bytes in UTF-8: "
+            "a folder name has at most 255; choose a shorter one with --run-name"
         )
     return name
 
@@ -740,7 +790,13 @@ def load_hub_texts(dataset):
 
 
 def read_text_file(file):
-    """(name, text) pairs of one .txt file (one text) or .jsonl file (a "text" string per line)."""
+    """(name, text) pairs of one .txt file (one text) or .jsonl file (a "text" string per line).
+    Anything but a regular file (a named pipe, a device) is refused: reading one may never end."""
+    if not file.is_file():
+        raise UsageError(
+            f"--data: {file} is not a regular file (a named pipe or a device?): pass a .txt or "
+            ".jsonl file, or a folder of .txt files"
+        )
     try:
         raw = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

@@ -49,6 +49,11 @@ except ModuleNotFoundError:  # pasted into a notebook after the other files' cel
     hf = plot = runfiles = types.SimpleNamespace(**globals())
 
 STUDY_DIR = "human_study"  # inside a run folder
+# what the kit writes into human_study/: a new page replaces the folder only if it holds no more
+# (judgments files an annotator put there are theirs, and stop it)
+STUDY_FILES = frozenset(
+    {"annotate.html", "annotate_key.json", "preference.json", "preference.md", "preference.png"}
+)
 ANNOTATE_MODES = ("original_greedy", "original_top_p", "hyperfitted_greedy", "hyperfitted_blocked")
 ANNOTATE_TOKENS = 128  # tokens per side (the paper's human study: 128 and 256)
 HUMAN = "human"  # evaluate.py's row of the real continuations
@@ -307,7 +312,7 @@ def write_page(run_dir, tokens=ANNOTATE_TOKENS, seed=0, overwrite=False):
     files = page_files(pairs, seed, tokens=tokens, evaluation=evaluation_digest(generations))
     with runfiles.RunLock(run_dir, "annotate.py " + " ".join(sys.argv[1:])):
         failure = "nothing was changed: free some space and run it again"
-        runfiles.write_folder(study, files, failure)
+        runfiles.write_folder(study, files, failure, owned=STUDY_FILES)
     return str(study / "annotate.html")
 
 
@@ -905,6 +910,12 @@ def main(argv=None):
             print(write_page(args.run_dir, args.tokens, args.seed, args.overwrite))
     except hf.UsageError as e:
         print(f"annotate.py: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk while writing the scores: each file is whole or absent
+        print(
+            f"annotate.py: cannot write {e.filename} ({e.strerror}); check the folder",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("annotate.py: interrupted; nothing was written", file=sys.stderr)

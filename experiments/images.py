@@ -699,6 +699,8 @@ def evaluate_images(run_dir, num_images=None, seed=0, progress=True):
         raise UsageError(f"{run} is not an image run (its model has no {MARKER}): {what}")
     if not (run / "adapter" / "adapter_config.json").exists():
         raise UsageError(f"{run} has no adapter/ (the run did not finish): finish it with --resume")
+    if why := runfiles.foreign_entry(run / "eval", runfiles.EVAL_FILES):  # replaced whole
+        raise UsageError(f"{run / 'eval'} {why}: move that away, then evaluate again")
     shape, tokenizer = image_shape(folder), hf.load_tokenizer(folder)
     preset = preset_of(folder)
     data = evaluation_data(config, tokenizer, num_images, preset["eval_images"])
@@ -751,7 +753,8 @@ def write_report(out_dir, report):
     """eval/images.json as the whole of eval/ (runfiles.write_folder, as evaluate.py writes
     eval/): a reader (or a kill) sees the old evaluation or the new one, never a mix."""
     files = {"images.json": json.dumps(report, indent=1) + "\n"}
-    runfiles.write_folder(out_dir, files, "the earlier evaluation is intact")
+    failure = "the earlier evaluation is intact"
+    runfiles.write_folder(out_dir, files, failure, owned=runfiles.EVAL_FILES)
 
 
 # -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ written)."""
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -496,6 +497,24 @@ def test_bad_input_exits_2_and_writes_nothing(tiny_hyperfitted, argv, message, c
 
 
 @pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seed", "-1"], "--seed must be an integer in [0, 2**63), got -1"),
+        (["--seed", "99999999999999999999999"], "--seed must be an integer in [0, 2**63)"),
+        (["--temperature", "inf"], "a finite --temperature > 0"),
+        (["--temperature", "nan"], "a finite --temperature > 0"),
+        (["--temperature", "0"], "a finite --temperature > 0"),
+    ],
+)
+def test_a_seed_or_temperature_out_of_range_is_refused_before_any_work(
+    tiny_hyperfitted, argv, message, capsys, monkeypatch
+):
+    """A seed of 2**63 or more failed inside MAUVE, after every continuation was generated."""
+    monkeypatch.setattr(evaluate, "load_nets", lambda *a: pytest.fail("the work started"))
+    test_bad_input_exits_2_and_writes_nothing(tiny_hyperfitted, argv, message, capsys)
+
+
+@pytest.mark.parametrize(
     "damage, message",
     [
         (
@@ -570,3 +589,28 @@ def test_generation_never_ends_early(tiny_net, monkeypatch):
     out = engine.generate(tiny_net, prompts, 12, batch_size=4)
     assert out.shape == (4, 12)
     assert not torch.isin(out, torch.tensor(eos)).any()
+
+
+@pytest.mark.parametrize("mark", ["model", "eval"])
+def test_an_image_run_is_refused_with_the_command_that_evaluates_it(
+    tiny_hyperfitted, tmp_path, capsys, mark
+):
+    """images.py marks its runs: the model folder it prepared holds image_model.json, and its
+    evaluation is eval/images.json; evaluate.py measures text, so it points there instead."""
+    run = tmp_path / "image-run"
+    shutil.copytree(tiny_hyperfitted, run, ignore=shutil.ignore_patterns("eval"))
+    if mark == "model":
+        model = tmp_path / "image-model"
+        model.mkdir()
+        (model / "image_model.json").write_text('{"model": "digits-igpt"}')
+        config = json.loads((run / "config.json").read_text())
+        config["args"]["model"] = str(model)
+        (run / "config.json").write_text(json.dumps(config))
+    else:
+        (run / "eval").mkdir()
+        (run / "eval" / "images.json").write_text("{}")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code, err = run_main([run, "--num-prompts", "2"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "an image run" in err
+    assert f"python experiments/images.py --evaluate {run}" in err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

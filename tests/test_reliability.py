@@ -726,3 +726,127 @@ def test_out_dir_into_another_run_or_a_foreign_folder_is_refused(finished_run, t
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err
         assert tree(out_dir.parent) == before
+
+
+# (issue "Reliability, round four"): each case below first broke the kit
+
+
+def test_out_dir_holding_a_summary_beside_a_user_s_files_is_refused(finished_run, tmp_path, capsys):
+    import evaluate
+
+    run, thesis = copy_run(finished_run, tmp_path), tmp_path / "thesis"
+    (thesis / "sub").mkdir(parents=True)
+    (thesis / "summary.json").write_text("{}")
+    (thesis / "thesis.txt").write_text("three years of work")
+    (thesis / "sub" / "notes.txt").write_text("notes")
+    before = tree(tmp_path)
+    assert evaluate.main([str(run), "--out-dir", str(thesis), "--num-prompts", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not an evaluation folder" in err
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("outside_files", [["summary.json", "thesis.txt"], ["summary.json"]])
+def test_an_eval_link_to_an_outside_folder_is_refused(
+    finished_run, tmp_path, capsys, outside_files
+):
+    import evaluate
+
+    run, outside = copy_run(finished_run, tmp_path), tmp_path / "outside"
+    outside.mkdir()
+    for name in outside_files:
+        (outside / name).write_text("{}")
+    (run / "eval").symlink_to(outside, target_is_directory=True)
+    before = tree(tmp_path)
+    assert evaluate.main([str(run), "--num-prompts", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a link" in err
+    assert tree(tmp_path) == before and (run / "eval").is_symlink()
+
+
+def test_write_folder_replaces_only_a_folder_of_the_kit_s_own_files(tmp_path):
+    """The one place that replaces folders whole (evaluate.py's eval/, images.py's eval/,
+    annotate.py's human_study/): a user's file in it, a sub-folder, or a link stops it."""
+    folder, outside = tmp_path / "human_study", tmp_path / "outside"
+    folder.mkdir()
+    (folder / "annotate.html").write_text("old page")
+    (folder / ".annotate.html.tmp123").write_text("left by a kill")
+    runfiles.write_folder(folder, {"annotate.html": "new"}, "", owned={"annotate.html"})
+    assert tree(folder) == ["annotate.html"] and (folder / "annotate.html").read_text() == "new"
+    for extra in ("judgments-ann1.json", "sub/notes.txt"):
+        (folder / extra).parent.mkdir(exist_ok=True)
+        (folder / extra).write_text("an annotator's")
+        before = tree(tmp_path)
+        with pytest.raises(runfiles.UsageError, match="the kit did not write"):
+            runfiles.write_folder(folder, {"annotate.html": "x"}, "", owned={"annotate.html"})
+        assert tree(tmp_path) == before
+        runfiles.shutil.rmtree(folder / extra.split("/")[0], ignore_errors=True)
+        (folder / extra).unlink(missing_ok=True)
+    outside.mkdir()
+    (outside / "annotate.html").write_text("theirs")
+    link = tmp_path / "linked"
+    link.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(runfiles.UsageError, match="is a link"):
+        runfiles.write_folder(link, {"annotate.html": "x"}, "", owned={"annotate.html"})
+    assert (outside / "annotate.html").read_text() == "theirs"
+
+
+def test_a_full_disk_while_plotting_leaves_no_temporary_file_and_names_the_file(
+    finished_run, tmp_path, monkeypatch, capsys
+):
+    import errno
+
+    import plot
+
+    run = copy_run(finished_run, tmp_path)
+    before = tree(run)
+
+    def full(self, data):
+        with open(self, "wb") as f:
+            f.write(data[:10])  # part of it reaches the disk, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plot.Path, "write_bytes", full)
+    assert plot.main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "training_curves.png" in err and "None" not in err
+    assert tree(run) == before  # no .training_curves.png.tmpNNN left behind
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("a\nb", "without control characters"),
+        ("run\x1b[31m", "without control characters"),
+        ("tab\there", "without control characters"),
+        ("€" * 100, "at most 255"),  # 100 characters, 300 bytes: Errno 36 from the filesystem
+    ],
+)
+def test_a_run_name_with_a_control_character_or_over_255_bytes_is_one_line(
+    base_args, tmp_path, capsys, name, message
+):
+    code, err = cli(base_args + ["--run-name", name], capsys)
+    assert code == 2 and len(err) == 1 and message in err[0]
+    assert tree(tmp_path / "results") == []
+
+
+@pytest.mark.parametrize("in_folder", [False, True])
+def test_a_named_pipe_as_data_is_one_line_not_a_hang(base_args, tmp_path, capsys, in_folder):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("some text " * 100)
+    os.mkfifo(folder / "pipe.txt")  # nothing ever writes to it: reading it waits forever
+
+    def hung(*_):
+        raise TimeoutError("--data on a named pipe hung")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        data = folder if in_folder else folder / "pipe.txt"
+        code, err = cli(replace(base_args, "--data", data), capsys)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert code == 2 and len(err) == 1 and "is not a regular file" in err[0]
+    assert tree(tmp_path / "results") == []
