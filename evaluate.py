@@ -358,7 +358,7 @@ def resolve_setup(run_dir, options):
         split["data"] = runfiles.portable_path(options.data) if options.data else split["data"]
         settings = dataclasses.replace(defaults, **{k: v for k, v in split.items()}, run_name="x")
         hf.check_settings(dataclasses.replace(settings, num_prompts=1))
-        name = f"{hf.default_run_name(options.model)}-original"
+        name = f"{runfiles.default_run_name(options.model, hf.PRESETS)}-original"
         return dict(
             run_name=name,
             model=options.model,
@@ -665,6 +665,8 @@ def mauve_scores(nets, rows_of, texts_of, options):
     import numpy as np
 
     keep = [i for i, ids in enumerate(rows_of[HUMAN]) if ids]
+    if len(keep) < measures.MAUVE_MIN_SAMPLES:  # below it MAUVE cannot tell texts apart
+        return {}
     if options.mauve_features == "original":
         features = {mode: continuation_features(nets, rows) for mode, rows in rows_of.items()}
     else:  # mauve-text's own featurizer (gpt2 or bert models, from the hub)

@@ -92,6 +92,7 @@ class Settings:
     prompt_len: int = setting(32, "tokens of context per prompt", paper=True, least=1)
     gen_tokens: int = setting(224, "new tokens per prompt (TTR: the last 96)", paper=True, least=1)
     eval_every: int = setting(250, "optimizer steps between validations", paper=True, least=1)
+    gen_every: int = setting(None, "steps between TTR generations (default: --eval-every)", least=1)
     save_every: int = setting(None, "steps between checkpoints (default: --eval-every)", least=1)
     lora_r: int = setting(16, "LoRA rank", least=1)
     lora_alpha: int = setting(32, "LoRA alpha (the update is scaled by alpha / r)", least=1)
@@ -122,7 +123,7 @@ PRESETS = {
     # The paper's largest: sharded over GPUs (accelerate launch --config_file configs/fsdp.yaml)
     "llama3.1-70b": dict(source="meta-llama/Llama-3.1-70B", gradient_checkpointing=True),
 }
-RESUMABLE = ("epochs", "lr", "eval_every", "save_every")  # what --resume may change
+RESUMABLE = ("epochs", "lr", "eval_every", "gen_every", "save_every")  # what --resume may change
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GPT2_LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # GPT-2-style blocks (ImageGPT: images.py)
 TTR_WINDOW = measures.TTR_WINDOW  # the paper's TTR: unique / total of the last 96 new tokens
@@ -146,7 +147,7 @@ def new_settings(given):
     for name in ("data", "out_dir"):
         if name in given:
             setattr(settings, name, runfiles.portable_path(given[name]))
-    settings.run_name = settings.run_name or default_run_name(settings.model)
+    settings.run_name = settings.run_name or runfiles.default_run_name(settings.model, PRESETS)
     check_settings(settings)
     return settings
 
@@ -167,20 +168,6 @@ def check_settings(s):
     if runfiles.dtype_choice(s.dtype) is None:
         raise UsageError(f"--dtype {s.dtype}: choose auto, float32, bfloat16 or float16")
     runfiles.check_run_name(s.run_name)
-
-
-def default_run_name(model):
-    """A preset's name, else the name of the model's folder (or the last part of a hub id)."""
-    if model in PRESETS:
-        return model
-    path = Path(str(model)).expanduser()
-    name = path.resolve().name if path.exists() else str(model).rstrip("/").split("/")[-1]
-    try:
-        return runfiles.check_run_name(name)
-    except UsageError:
-        raise UsageError(
-            f"cannot name the run after --model {model}: give it a --run-name"
-        ) from None
 
 
 # -----------------------------------------------------------------------------
@@ -241,6 +228,13 @@ def train(run, stop):
             raise NumericalError(runfiles.numerical_message(run, e)) from None
         run.step += 1
         run.loss_sum, run.loss_count = run.loss_sum + loss, run.loss_count + 1
+        if run.is_main():  # every step's loss: the training curve's points (steps.jsonl)
+            lr, epoch = (
+                run.optimizer.param_groups[0]["lr"],
+                round(run.step / run.steps_per_epoch, 4),
+            )
+            record = dict(step=run.step, epoch=epoch, train_loss=loss, lr=lr)
+            runfiles.append_jsonl(run.run_dir / "steps.jsonl", record)
         run.bar.update(1)
         run.bar.set_postfix(loss=f"{loss:.3f}")
         if run.step % s.eval_every == 0 or run.step == run.total_steps:
@@ -303,20 +297,22 @@ def plain_loss_sum(net, ids):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets, reduction="sum")
 
 
-def validate(net, tokenizer, val_ids, prompt_ids, gen_tokens, batch_size, dense=None):
+def validate(net, tokenizer, val_ids, prompt_ids, gen_tokens, batch_size, dense=None, gen=True):
     """The paper's validation: loss, mean predictive entropy and top-1 probability on validation
-    text, and the mean TTR of the last 96 tokens of greedy continuations of the prompts
-    (Carlsson et al. 2025; official code, src/validation.py). On a CPU it scores and generates
-    with engine.dense_copy (the same function, ~3x faster). Returns (record, three samples)."""
+    text, and (with `gen`) val_greedy_ttr, the mean TTR of the last 96 tokens of greedy
+    continuations of the prompts (Carlsson et al. 2025; official code, src/validation.py). On a
+    CPU it scores and generates with engine.dense_copy (the same function, ~3x faster). Returns
+    (record, three samples; none without `gen`)."""
     scorer = engine.scoring_net(net, dense)
     stats = engine.token_statistics(scorer, val_ids, batch_size=batch_size)
+    record = dict(val_loss=stats["loss"], val_entropy=stats["entropy"], val_top1_prob=stats["top1"])
+    if not gen:  # the cheap points of the curves: no generation
+        return dict(record, val_greedy_ttr=None), []
     continuations = engine.generate(scorer, prompt_ids, gen_tokens, batch_size=len(prompt_ids))
-    del scorer
     ttr = [measures.type_token_ratio(c.tolist(), last=TTR_WINDOW) for c in continuations]
     decoded = zip(tokenizer.batch_decode(prompt_ids[:3]), tokenizer.batch_decode(continuations[:3]))
     samples = [dict(prompt=prompt, continuation=text) for prompt, text in decoded]
-    record = dict(val_loss=stats["loss"], val_entropy=stats["entropy"])
-    return dict(record, val_top1_prob=stats["top1"], ttr_last96=sum(ttr) / len(ttr)), samples
+    return dict(record, val_greedy_ttr=sum(ttr) / len(ttr)), samples
 
 
 @dataclasses.dataclass
@@ -400,7 +396,8 @@ def validate_and_log(run):
     if run.is_main() or sharded:
         texts = (run.val_ids, run.prompt_ids, s.gen_tokens, s.batch_size)
         dense = False if sharded else None  # under FSDP the sharded net itself, else engine's
-        record, samples = validate(run.unwrapped, run.tokenizer, *texts, dense=dense)
+        gen = step % (s.gen_every or s.eval_every) == 0 or step == run.total_steps
+        record, samples = validate(run.unwrapped, run.tokenizer, *texts, dense=dense, gen=gen)
     if run.is_main():
         train_loss = run.loss_sum / run.loss_count if run.loss_count else None
         epoch, elapsed = round(step / run.steps_per_epoch, 4), round(run.elapsed(), 2)
@@ -631,7 +628,8 @@ def run_folder_of(given):
     the working directory; the default out_dir is the kit's results/)."""
     out_dir = runfiles.portable_path(given["out_dir"]) if given.get("out_dir") else Settings.out_dir
     name = given.get("run_name")
-    name = default_run_name(given.get("model") or Settings.model) if name is None else name
+    if name is None:
+        name = runfiles.default_run_name(given.get("model") or Settings.model, PRESETS)
     return Path(runfiles.absolute_path(out_dir)) / runfiles.check_run_name(name)
 
 

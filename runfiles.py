@@ -238,6 +238,20 @@ def check_run_name(name):
     return name
 
 
+def default_run_name(model, presets=()):
+    """A preset's name, else the name of the model's folder (or the last part of a hub id)."""
+    if model in presets:
+        return model
+    path = Path(str(model)).expanduser()
+    name = path.resolve().name if path.exists() else str(model).rstrip("/").split("/")[-1]
+    try:
+        return check_run_name(name)
+    except UsageError:
+        raise UsageError(
+            f"cannot name the run after --model {model}: give it a --run-name"
+        ) from None
+
+
 def is_run_folder(run_dir):
     """Is `run_dir` a folder this kit made for a run? Its config.json names it, or (a config.json
     damaged by a kill or an editor) its lock file says hyperfit.py held it."""
@@ -576,7 +590,7 @@ def start_run_folder(run, overwrite, changes, previous):
     config) trims the records written after its checkpoint, and config.json is (re)written."""
     if overwrite:
         clear_run_dir(run.run_dir)
-    for name in ("metrics.jsonl", "samples.jsonl") if previous else ():
+    for name in ("metrics.jsonl", "samples.jsonl", "steps.jsonl") if previous else ():
         kept = [r for r in read_jsonl(run.run_dir / name) if r.get("step", 0) <= run.step]
         write_atomic(run.run_dir / name, "".join(json.dumps(r) + "\n" for r in kept))
     write_config(run, changes, previous)

@@ -148,7 +148,7 @@ def images(
     run folder. Raises UsageError on bad input, before any preparation where it can tell."""
     preset = preset_of(model)
     given = {k: v for k, v in settings.items() if v is not None}
-    given["run_name"] = given.get("run_name") or hf.default_run_name(model)
+    given["run_name"] = given.get("run_name") or runfiles.default_run_name(model, hf.PRESETS)
     check_request(model, {**preset["run"], **given}, resume, overwrite)
     folder = prepare_model(model, progress)
     shape = image_shape(folder)

@@ -66,11 +66,27 @@ QUALITY_EVALUATION = dict(
     new_tokens=128,
     sharpness_seqs=16,
 )
+# The frontier study: what near-zero training loss costs at 135M parameters. Every setting at
+# three seeds (the data split, its order and the LoRA initialisation); cheap evaluation (greedy
+# text of both models beside the human text, 32 prompts x 96 tokens, no MAUVE at that size).
+FRONTIER_TRAINING = dict(seq_len=64, eval_every=10**6)  # validation at the start and the end
+FRONTIER_EVALUATION = dict(
+    modes="original_greedy,hyperfitted_greedy", num_prompts=32, new_tokens=96, sharpness_seqs=4
+)
+FRONTIER_SEEDS = (0, 1, 2)
+FRONTIER_RUNS = dict(  # name: settings on top of FRONTIER_TRAINING and the preset
+    base=dict(lr=2e-3, num_train=32, epochs=10),  # 40 hard steps
+    gentle=dict(lr=1e-3, num_train=32, epochs=20),  # half the lr, twice the steps
+    n16=dict(lr=2e-3, num_train=16, epochs=20),  # half the data, the same 40 steps
+    last5=dict(lr=2e-3, num_train=32, epochs=10, lora_layers=5),  # the follow-up's late LoRA
+    unquantized=dict(lr=2e-3, num_train=32, epochs=10, quant="none"),  # no 4-bit base
+)
 STUDIES = dict(
     data_size=dict(sizes=(8, 16, 32, 64, 128)),  # training sequences (the paper: down to 8)
     shuffle=dict(order_seeds=(0, 1)),  # data-order seeds of the same training set
     # on top of the CPU preset's 128-token sequences: runs of 20 optimizer steps
     # at most, so the chosen preset keeps the README's main command as fast as today's
+    frontier=dict(runs=FRONTIER_RUNS, seeds=FRONTIER_SEEDS),
     quality=dict(
         runs=[
             dict(lr=lr, num_train=n, epochs=e)
@@ -104,6 +120,10 @@ def study_plan(study, training=None, sizes=None, order_seeds=None, lrs=None, epo
     if study == "shuffle":
         seeds = order_seeds or STUDIES[study]["order_seeds"]
         return [(f"order{seed}", dict(order_seed=seed)) for seed in seeds]
+    if study == "frontier":  # every setting at every seed
+        seeds = order_seeds or FRONTIER_SEEDS  # a seed's runs before the next seed's
+        runs = [(name, seed) for seed in seeds for name in FRONTIER_RUNS]
+        return [(f"{name}-s{seed}", dict(FRONTIER_RUNS[name], seed=seed)) for name, seed in runs]
     if study == "quality":  # the given lists as a grid on top of the preset, else STUDIES' runs
         grid = (
             [
@@ -337,6 +357,8 @@ def study_defaults(study):
     """(training, evaluation): the settings a study's runs take before the command's own."""
     if study == "quality":  # the preset's sequences; validation at the start and the end only
         return dict(eval_every=10**6), QUALITY_EVALUATION
+    if study == "frontier":
+        return FRONTIER_TRAINING, FRONTIER_EVALUATION
     return STUDY_TRAINING, STUDY_EVALUATION
 
 
@@ -684,7 +706,9 @@ def build_parser():
         help="data-size: training sequences (default: 8,16,32,64,128)",
     )
     p.add_argument(
-        "--order-seeds", type=number_list(int), help="shuffle: data-order seeds (default: 0,1)"
+        "--order-seeds",
+        type=number_list(int),
+        help="shuffle: data-order seeds (default: 0,1); frontier: the seeds (default: 0,1,2)",
     )
     p.add_argument(
         "--lrs",

@@ -200,17 +200,29 @@ def tiny_hyperfitted(tiny_model_dir, tiny_data, tmp_path_factory):
 def evaluated(tiny_hyperfitted, tmp_path_factory):
     """12 prompts > 8 validation blocks: held-out ones too; 100 tokens: the 96-token window."""
     out = tmp_path_factory.mktemp("eval")
-    summary = evaluate.evaluate(
-        tiny_hyperfitted,
-        num_prompts=12,
-        new_tokens=100,
-        batch_size=8,
-        sharpness_seqs=4,
-        out_dir=out,
-        progress=False,
-    )
+    minimum, measures.MAUVE_MIN_SAMPLES = measures.MAUVE_MIN_SAMPLES, 12  # MAUVE's path at 12
+    try:
+        summary = evaluate.evaluate(
+            tiny_hyperfitted,
+            num_prompts=12,
+            new_tokens=100,
+            batch_size=8,
+            sharpness_seqs=4,
+            out_dir=out,
+            progress=False,
+        )
+    finally:
+        measures.MAUVE_MIN_SAMPLES = minimum
     records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     return summary, records, out
+
+
+def test_mauve_is_not_computed_below_its_minimum_sample_size():
+    """Below measures.MAUVE_MIN_SAMPLES continuations per side MAUVE cannot tell human text from
+    looping text, so no score is computed (and none reaches a table)."""
+    rows = {evaluate.HUMAN: [[1, 2]] * 32, "original_greedy": [[3, 3]] * 32}
+    texts = {mode: ["a b"] * 32 for mode in rows}
+    assert evaluate.mauve_scores(None, rows, texts, evaluate.Options()) == {}
 
 
 def test_end_to_end_writes_every_output(evaluated, tiny_hyperfitted):

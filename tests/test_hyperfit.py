@@ -56,7 +56,7 @@ def test_tiny_model_hyperfits_to_near_zero_loss(tiny_model_dir, tiny_data, tmp_p
     assert last["step"] == 60 and last["epoch"] == 30
     assert last["train_loss"] < 0.3  # near-zero training loss ...
     assert last["val_loss"] > first["val_loss"]  # ... while validation loss rises
-    for key in ("val_entropy", "val_top1_prob", "ttr_last96"):
+    for key in ("val_entropy", "val_top1_prob", "val_greedy_ttr"):
         assert all(0 <= r[key] < 10 for r in records)
     config = json.loads((run_dir / "config.json").read_text())
     assert config["args"]["lr"] == 1e-2 and config["steps_per_epoch"] == 2
@@ -69,6 +69,28 @@ def test_tiny_model_hyperfits_to_near_zero_loss(tiny_model_dir, tiny_data, tmp_p
     assert {s["step"] for s in samples} == {0, 20, 40, 60} and all(
         s["continuation"] for s in samples
     )
+
+
+def test_every_step_s_loss_is_logged_and_cheap_validations_skip_generation(
+    tiny_model_dir, tiny_data, tmp_path
+):
+    """steps.jsonl holds every optimizer step's loss (the curve's every point); validations
+    between --gen-every steps score loss, entropy and top-1 without generating (TTR None), and
+    metrics.jsonl's train_loss is the mean of the steps since the previous validation."""
+    run_dir = tiny_run(
+        tiny_model_dir, tiny_data, tmp_path, "steps", epochs=3, eval_every=1, gen_every=4
+    )
+    steps = runfiles.read_jsonl(run_dir / "steps.jsonl")
+    assert [r["step"] for r in steps] == list(range(1, 10))  # 3 epochs x 3 steps
+    assert all(r["lr"] == 1e-2 and r["epoch"] == round(r["step"] / 3, 4) for r in steps)
+    records = runfiles.read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(10))  # a validation at every step
+    generated = [r["step"] for r in records if r["val_greedy_ttr"] is not None]
+    assert generated == [0, 4, 8, 9]  # every 4th step, and the last
+    assert all(r["val_loss"] > 0 and r["val_entropy"] > 0 for r in records)
+    for record, step in zip(records[1:], steps):
+        assert record["train_loss"] == pytest.approx(step["train_loss"])  # one step per record
+    assert {s["step"] for s in runfiles.read_jsonl(run_dir / "samples.jsonl")} == set(generated)
 
 
 def lora_net(tiny_model_dir, dtype="float32", **kwargs):

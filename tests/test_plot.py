@@ -43,7 +43,7 @@ def metrics_records(num_epochs=4, steps_per_epoch=10, scale=1.0):
                 "val_loss": scale * (3.0 + 0.4 * e),
                 "val_entropy": 3.0 / (1 + e),
                 "val_top1_prob": 0.3 + 0.15 * e,
-                "ttr_last96": 0.2 + 0.15 * e,
+                "val_greedy_ttr": 0.2 + 0.15 * e,
                 "lr": 1e-6,
             }
         )

@@ -107,7 +107,7 @@ def test_a_run_at_low_precision_validates_generates_and_reloads(
     records = runfiles.read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 3, 4]
     for record in records:
-        for key in ("val_loss", "val_entropy", "val_top1_prob", "ttr_last96"):
+        for key in ("val_loss", "val_entropy", "val_top1_prob", "val_greedy_ttr"):
             assert math.isfinite(record[key]), (key, record)
     assert all(math.isfinite(r["train_loss"]) for r in records[1:])
     net, _ = hyperfit.load_model(

@@ -71,7 +71,7 @@ def test_model_dot_gets_a_run_name_from_the_folder_not_the_out_dir(
     tiny_model_dir, base_args, monkeypatch
 ):
     monkeypatch.chdir(tiny_model_dir)
-    assert hyperfit.default_run_name(".") == os.path.basename(tiny_model_dir)
+    assert runfiles.default_run_name(".") == os.path.basename(tiny_model_dir)
 
 
 def test_overwrite_only_replaces_a_run_folder(base_args, tmp_path, capsys):
