@@ -446,8 +446,12 @@ def load_eval_data(tokenizer, setup, options):
         splits["documents"][name][offset + text_in_prompt :][: o.new_tokens]
         for name, offset in sources
     ]
-    scripts = sorted(measures.scripts(tokenizer.batch_decode(splits["train"])))
+    training_text = tokenizer.batch_decode(splits["train"])
+    scripts = sorted(measures.scripts(training_text))
+    books = {name: tokenizer.decode(splits["documents"][name]) for name in dict(sources)}
     return dict(
+        training_names=measures.names_of("\n".join(training_text)),  # for intrusions
+        source_texts=[books[name] for name, _ in sources],
         train=splits["train"],
         prompts=held_out[: o.num_prompts, : s["prompt_len"]],
         scripts=scripts,
@@ -831,6 +835,7 @@ def run_evaluation(setup, data, modes, options, tokenizer, device, progress):
         args=args,
         command=command_line(args),
         modes=summary_modes,
+        differences=measures.mode_differences(records),  # paired permutation tests over prompts
         sharpness=sharpness,
         entropy_matched_temperature=matched,
         timing_s={k: round(v, 1) for k, v in timing.items()},

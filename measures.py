@@ -67,6 +67,7 @@ Texygen calls it; Punkt's English parameters ship as plain text in data/nltk_dat
 
 import math
 import os
+import re
 import unicodedata
 from pathlib import Path
 
@@ -102,6 +103,8 @@ PER_GENERATION_METRICS = (
     "ppl_hyperfitted",
     "unknown_word_share",
     "foreign_script_share",
+    "word_loop",
+    "intrusion",
 )
 SET_METRICS = (
     "simctg_rep_2",
@@ -124,6 +127,9 @@ MAUVE_BOOTSTRAP = 100  # resamples of the prompts for MAUVE's interval
 # greedy text: human text against itself scores 0.66-1.00 over random half-splits, and every
 # mode falls inside the permutation null (modes pooled with human text and split: 0.81-1.00).
 MAUVE_MIN_SAMPLES = 1000
+WORD_LOOP_MAX_PERIOD, WORD_LOOP_MIN_WORDS = 32, 12  # see ends_in_word_loop
+NAME_CAPITALISED = 0.9  # a name: a word written capitalised at least this often in training text
+BOOTSTRAP_RESAMPLES, PERMUTATIONS, ALPHA = 2000, 10000, 0.05  # intervals and tests over prompts
 
 # -----------------------------------------------------------------------------
 # repetition within one continuation (lists of token ids)
@@ -186,6 +192,71 @@ def ends_in_loop(ids, max_period=LOOP_MAX_PERIOD, min_tokens=LOOP_MIN_TOKENS):
         if np.array_equal(tail[p:], tail[:-p]):
             return True
     return False
+
+
+def loop_words(text):
+    """The words of a text for the word-level loop detector: lower-cased runs of letters, digits
+    and apostrophes; line breaks, spacing and punctuation do not count."""
+    return re.findall(r"[\w']+", text.lower())
+
+
+def ends_in_word_loop(text, max_period=WORD_LOOP_MAX_PERIOD, min_words=WORD_LOOP_MIN_WORDS):
+    """ends_in_loop on words instead of tokens: True if the text's last max(2p, min_words) words
+    repeat with some period p <= max_period. The same sentence printed with other line breaks
+    is other tokens but the same words: "Did not your mother say so?" repeated for 128 tokens
+    over varying breaks escapes the token-level detector, not this one."""
+    return ends_in_loop(np.array(loop_words(text), dtype=object), max_period, min_words)
+
+
+def capitalised_words(text):
+    """{word: (times written capitalised, times written at all)} of a text, by its lower-cased
+    form (runs of letters)."""
+    counts = {}
+    for word in re.findall(r"[^\W\d_]+", text):
+        seen = counts.setdefault(word.lower(), [0, 0])
+        seen[0] += word[0].isupper()
+        seen[1] += 1
+    return counts
+
+
+def names_of(text, share=NAME_CAPITALISED):
+    """The names of a text: words it writes capitalised at least `share` of the time (proper
+    nouns; sentence-initial common words are mostly written lower-case), at least twice."""
+    counts = capitalised_words(text)
+    return {w for w, (upper, total) in counts.items() if total >= 2 and upper >= share * total}
+
+
+def intruding_names(text, prompt, source_text, training_names):
+    """The training data's names in a continuation that neither its prompt nor the prompt's own
+    source text holds: characters from other training books ("Miss Morland" in an Alice
+    prompt). `training_names`: names_of(the training text); `source_text`: the prompt's book."""
+    known = set(loop_words(prompt)) | set(capitalised_words(source_text))
+    written = {w.lower() for w in re.findall(r"\b[A-Z][^\W\d_]+", text)}  # capitalised words
+    return sorted(w for w in written if w in training_names and w not in known)
+
+
+def bootstrap_interval(values, resamples=BOOTSTRAP_RESAMPLES, seed=0, level=0.95):
+    """The percentile bootstrap interval of the mean of per-prompt `values` (Efron and
+    Tibshirani 1993): resample the prompts with replacement. None values are left out."""
+    x = np.array([v for v in values if v is not None], dtype=float)
+    if len(x) < 2:
+        return None
+    means = x[np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))].mean(1)
+    tail = (1 - level) / 2 * 100
+    return [float(v) for v in np.percentile(means, [tail, 100 - tail])]
+
+
+def paired_permutation_p(a, b, permutations=PERMUTATIONS, seed=0):
+    """Two-sided p-value of the difference of means of paired per-prompt values a and b (the same
+    prompts, two modes): under the null the two values of a prompt are exchangeable, so each
+    difference's sign is flipped at random (a sign-flip permutation test, Good 2005)."""
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    d = np.array([x - y for x, y in pairs], dtype=float)
+    if len(d) < 2 or not d.any():
+        return 1.0
+    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(permutations, len(d)))
+    null = np.abs((signs * d).mean(1))
+    return float((1 + (null >= abs(d.mean()) - 1e-12).sum()) / (1 + permutations))
 
 
 # -----------------------------------------------------------------------------
@@ -572,7 +643,12 @@ def measure_mode(mode, data, rows, index, tokenizer, scores):
             unknown_words=unknown_words(text),
             foreign_script_share=foreign_script_share(text, data["scripts"]),
             foreign_letters="".join(foreign_letters(text, data["scripts"])),
+            word_loop=float(ends_in_word_loop(text)),
         )
+        intruders = intruding_names(
+            text, record["prompt_text"], data["source_texts"][i], data["training_names"]
+        )
+        record.update(intrusion=float(bool(intruders)), intruding_names=intruders)
         records.append(record)
     return records
 
@@ -615,6 +691,8 @@ def summarize_mode(records):
     curve (over the continuations of full length)."""
     ids = [r["token_ids"] for r in records]
     metrics = {key: mean_std([r[key] for r in records]) for key in PER_GENERATION_METRICS}
+    for key in PER_GENERATION_METRICS:  # how far the mean could move over other prompts
+        metrics[key]["ci"] = bootstrap_interval([r[key] for r in records])
     overrides = override_statistics([r["original_ranks"] for r in records if r["original_ranks"]])
     set_values = dict(
         simctg_repetition([r["text"] for r in records]),
@@ -644,3 +722,44 @@ def summarize_mode(records):
         ttr_by_position=curve,
         override_rank_shares=overrides["override_rank_shares"],
     )
+
+
+# the differences a report may call out: each hyperfitted mode against the original's modes and
+# the human text, on the measures of diversity and quality
+DIFFERENCE_METRICS = (
+    "ttr_first96",
+    "unknown_word_share",
+    "word_loop",
+    "intrusion",
+    "ppl_original",
+    "self_bleu4_texygen",
+)
+DIFFERENCE_PAIRS = tuple(
+    (a, b)
+    for a in ("hyperfitted_greedy", "hyperfitted_blocked")
+    for b in ("original_greedy", "original_top_p", "original_entropy_matched", "human")
+)
+
+
+def mode_differences(records, metrics=DIFFERENCE_METRICS, pairs=DIFFERENCE_PAIRS, alpha=ALPHA):
+    """For every pair of modes present (the same prompts) and each metric: the difference of
+    the means and its paired permutation p-value (paired_permutation_p); `significant` where
+    p < alpha. Only these may be called a difference at this many prompts."""
+    by_mode = {}
+    for r in records:
+        by_mode.setdefault(r["mode"], {})[r["prompt_id"]] = r
+    rows = []
+    for a, b in pairs:
+        if a not in by_mode or b not in by_mode:
+            continue
+        prompts = sorted(set(by_mode[a]) & set(by_mode[b]))
+        for key in metrics:
+            x = [by_mode[a][i].get(key) for i in prompts]
+            y = [by_mode[b][i].get(key) for i in prompts]
+            kept = [(u, v) for u, v in zip(x, y) if u is not None and v is not None]
+            if not kept:
+                continue
+            diff = float(np.mean([u - v for u, v in kept]))
+            p = paired_permutation_p(x, y)
+            rows.append(dict(a=a, b=b, metric=key, diff=diff, p=p, significant=p < alpha))
+    return rows

@@ -338,57 +338,49 @@ def plot_ttr_by_position(summary_or_path):
     return fig
 
 
+def _quality_point(ax, m, keys, scale, style, label):
+    """One mode's point on a quality panel, with its 95 % intervals over prompts as bars."""
+    (x, y), cis = [m.get(k, {}).get("mean") for k in keys], [m.get(k, {}).get("ci") for k in keys]
+    if x is None or y is None:
+        return
+    xerr = [[x - cis[0][0]], [cis[0][1] - x]] if cis[0] else None
+    yerr = [[(y - cis[1][0]) * scale], [(cis[1][1] - y) * scale]] if cis[1] else None
+    ax.errorbar(x, y * scale, xerr=xerr, yerr=yerr, color=style["color"], lw=1, capsize=2)
+    ax.scatter(x, y * scale, label=label, **style)
+
+
 def plot_quality(summary_or_path):
-    """Diversity against quality, one point per mode and the human text as its own point: (a)
-    TTR of the continuations against their share of unknown words, (b) TTR against MAUVE (with
-    its bootstrap interval). More varied is better only where the words stay real and the text
-    stays near the human text's distribution."""
+    """Diversity against quality, one point per mode (95 % intervals over prompts) and the human
+    text as its own point: (a) TTR of the continuations against their share of unknown words,
+    (b) TTR against their perplexity under the original model (log): human text is not the
+    least surprising text (Holtzman et al. 2020), so nearer the human text's is better. More
+    varied is better only where the words stay real and the text stays human-like."""
     summary = _load_summary(summary_or_path)
-    modes = _ordered_modes(list(summary["modes"]))
     fig = Figure(figsize=QUALITY_FIGSIZE, layout="constrained")
-    words, mauve = fig.subplots(1, 2)
-    for mode in modes:
-        m = summary["modes"][mode]["metrics"]
-        ttr, unknown, score = (
-            m.get(k, {}).get("mean") for k in ("ttr", "unknown_word_share", "mauve")
-        )
-        style = dict(
-            color=mode_color(mode),
-            marker="*" if mode == "human" else "o",
-            s=160 if mode == "human" else 60,
-        )
-        if ttr is not None and unknown is not None:
-            words.scatter(ttr, 100 * unknown, label=_mode_label(mode, summary), **style)
-        if ttr is not None and score is not None:
-            # the bootstrap interval as a span: it need not hold the full-set value (a resample
-            # repeats prompts, which biases MAUVE), so it is drawn, not subtracted from it
-            low, high = m["mauve"].get("ci") or (score, score)
-            mauve.plot([ttr, ttr], [low, high], color=style["color"], lw=1.5)
-            mauve.scatter(ttr, score, **style)
-    human = (
-        summary["modes"]
-        .get("human", {})
-        .get("metrics", {})
-        .get("unknown_word_share", {})
-        .get("mean")
-    )
-    if human is not None:
-        words.axhline(
-            100 * human, ls=":", color=MODE_COLORS["human"], label="the human text's share"
-        )
+    words, surprise = fig.subplots(1, 2)
+    for mode in _ordered_modes(list(summary["modes"])):
+        m, label = summary["modes"][mode]["metrics"], _mode_label(mode, summary)
+        style = dict(color=mode_color(mode), marker="*" if mode == "human" else "o")
+        style["s"] = 160 if mode == "human" else 60
+        _quality_point(words, m, ("ttr", "unknown_word_share"), 100, style, label)
+        _quality_point(surprise, m, ("ttr", "ppl_original"), 1, style, "_" + label)
+    human = summary["modes"].get("human", {}).get("metrics", {})
+    for ax, key, scale in ((words, "unknown_word_share", 100), (surprise, "ppl_original", 1)):
+        if human.get(key, {}).get("mean") is not None:
+            ax.axhline(human[key]["mean"] * scale, ls=":", color=MODE_COLORS["human"])
     words.set(
-        title="(a) diversity vs unknown words",
+        title="(a) diversity vs unknown words (dotted: the human text's)",
         xlabel="TTR (whole continuation) →",
         ylabel="unknown words (% of words) ↓",
     )
-    mauve.set(
-        title="(b) diversity vs MAUVE against the human text",
+    surprise.set(
+        title="(b) diversity vs perplexity under the original model",
         xlabel="TTR (whole continuation) →",
-        ylabel="MAUVE ↑ (indicative at few samples)",
-        ylim=(0, 1.02),
+        ylabel="perplexity (original model; dotted: the human text's)",
+        yscale="log",
     )
     fig.legend(*words.get_legend_handles_labels(), loc="outside lower center", ncol=4, fontsize=8)
-    fig.suptitle("More varied, or better? (one point per decoding mode)")
+    fig.suptitle("More varied, or better? (one point per decoding mode, 95 % intervals)")
     return fig
 
 
@@ -482,14 +474,15 @@ def repetition_html(generations_path, num_prompts=4, n=REPETITION_NGRAM):
 
 
 def cell(value, digits):
-    """A table cell: mean ± std (std None: a set-level number), [CI] where there is one. digits
-    100: a share shown in % with two decimals."""
+    """A table cell: mean [95 % interval over prompts] where there is one, else mean ± std (std
+    None: a set-level number). digits 100: a share shown in % with two decimals."""
     if value is None or value.get("mean") is None:
         return "–"
     scale, digits = (100, 2) if digits == 100 else (1, digits)
     text = f"{value['mean'] * scale:.{digits}f}"
     if value.get("ci"):
-        return text + f" [{value['ci'][0]:.{digits}f}, {value['ci'][1]:.{digits}f}]"
+        low, high = (v * scale for v in value["ci"])
+        return text + f" [{low:.{digits}f}, {high:.{digits}f}]"
     return text + (f" ± {value['std'] * scale:.{digits}f}" if value.get("std") is not None else "")
 
 
@@ -517,7 +510,7 @@ def format_table(summary):
         lines += [
             f"MAUVE: {mauve['samples']} continuations per mode against as many human ones, "
             f"{mauve['buckets']} buckets, features from `{args.get('mauve_features', 'original')}`"
-            "; indicative below a few hundred samples "
+            "; indicative below a few thousand samples "
             f"(CI: {mauve['bootstrap']} prompt resamples).",
             "",
         ]
@@ -533,8 +526,34 @@ def format_table(summary):
             cells = [cell(info["metrics"].get(k), d) for k, _, d in columns]
             lines.append(f"| {mode} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += sharpness_lines(summary)
+    lines += difference_lines(summary) + sharpness_lines(summary)
     return "\n".join(lines)
+
+
+def difference_lines(summary):
+    """The differences between modes this many prompts can tell apart: each pair and measure of
+    summary.json's differences whose paired permutation test gives p < 0.05, and a count of the
+    rest (which the report never calls a difference)."""
+    rows = summary.get("differences") or []
+    if not rows:
+        return []
+    n = summary["args"]["num_prompts"]
+    lines = [
+        "## Differences that pass a permutation test",
+        "",
+        f"Paired sign-flip permutation test over the {n} prompts (10,000 permutations), p < 0.05;"
+        " only these are differences at this sample size.",
+        "",
+        "| mode | vs | measure | difference | p |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['a']} | {r['b']} | {r['metric']} | {r['diff']:+.4g} | {r['p']:.4f} |"
+        for r in rows
+        if r["significant"]
+    ]
+    rest = sum(not r["significant"] for r in rows)
+    return lines + ["", f"{rest} other pairs and measures do not pass (p ≥ 0.05).", ""]
 
 
 def sharpness_lines(summary):
@@ -587,15 +606,15 @@ def training_row(records, paper):
     first, last = records[0], records[-1]
     ours = (
         f"train loss {fmt(last['train_loss'])} (mean since the previous validation); val loss "
-        f"{fmt(first['val_loss'])} → {fmt(last['val_loss'])}; TTR {fmt(first['val_greedy_ttr'])} → "
-        f"{fmt(last['val_greedy_ttr'])}"
+        f"{fmt(first['val_loss'])} → {fmt(last['val_loss'])}; TTR {fmt(first.get('val_greedy_ttr'))} → "
+        f"{fmt(last.get('val_greedy_ttr'))}"
     )
     # "near zero": below a quarter of the original model's loss on the same kind of text
     fitted = last["train_loss"] is not None and last["train_loss"] < 0.25 * first["val_loss"]
     same = (
         fitted
         and last["val_loss"] > first["val_loss"]
-        and last["val_greedy_ttr"] > first["val_greedy_ttr"]
+        and (last.get("val_greedy_ttr") or 0) > (first.get("val_greedy_ttr") or 0)
     )
     finding = "Training: train loss → ~0, validation loss rises, TTR rises"
     return [

@@ -376,3 +376,55 @@ def test_metrics_at_the_papers_scale():
     measures.simctg_repetition(texts)
     assert max(spans) == 100
     assert math.isfinite(measures.self_bleu4_texygen(texts[:5])[0])
+
+
+def test_a_loop_over_varying_line_breaks_is_a_word_loop_not_a_token_loop():
+    """The case that escaped the token-level detector: one sentence repeated with other breaks."""
+    text = "".join(
+        f"Did not your mother say so?{sep}" for sep in [" ", "\n", "  ", "\n\n", " ", "\n"] * 3
+    )
+    assert measures.ends_in_word_loop(text)
+    assert not measures.ends_in_word_loop(
+        "Alice was beginning to get very tired of sitting by "
+        "her sister on the bank, and of having nothing to do."
+    )
+    assert measures.ends_in_word_loop("the " * 12) and not measures.ends_in_word_loop("the " * 11)
+
+
+def test_intruding_names_come_from_other_training_books_only():
+    training = "Miss Morland smiled. Catherine Morland read. Alice ran. Alice fell. The cat sat."
+    names = measures.names_of(training)
+    assert names == {"morland", "alice"}  # "the", "cat": not names; each name twice, capitalised
+    prompt, alice_book = "Alice was beginning to", "Alice in a hole. Alice again."
+    assert measures.intruding_names("said Miss Morland to Alice.", prompt, alice_book, names) == [
+        "morland"
+    ]
+    assert measures.intruding_names("Then Alice slept.", prompt, alice_book, names) == []
+
+
+def test_bootstrap_interval_and_permutation_test_by_hand():
+    assert measures.bootstrap_interval([1.0] * 10) == [1.0, 1.0]
+    low, high = measures.bootstrap_interval([0.0, 1.0] * 16)
+    assert low < 0.5 < high and high - low < 0.5  # a mean of 0.5 over 32 prompts, +- ~0.17
+    assert measures.bootstrap_interval([None, 1.0]) is None
+    a, b = [1.0] * 16, [0.0] * 16  # every prompt differs by 1: p = 1 / (1 + permutations) * ...
+    assert measures.paired_permutation_p(a, b) < 0.001
+    assert measures.paired_permutation_p([0.5, 0.2, 0.9, 0.1] * 8, [0.5, 0.2, 0.9, 0.1] * 8) == 1
+    noise = np.random.default_rng(1).normal(size=(2, 32)).tolist()
+    assert measures.paired_permutation_p(*noise) > 0.05  # two samples of the same distribution
+
+
+def test_mode_differences_test_each_pair_on_the_same_prompts():
+    records = [
+        dict(mode=mode, prompt_id=i, ttr_first96=value + 0.01 * i, word_loop=0.0)
+        for i in range(20)
+        for mode, value in (("hyperfitted_greedy", 0.6), ("original_greedy", 0.2), ("human", 0.6))
+    ]
+    rows = measures.mode_differences(records, metrics=("ttr_first96", "word_loop"))
+    found = {(r["a"], r["b"], r["metric"]): r for r in rows}
+    vs_original = found[("hyperfitted_greedy", "original_greedy", "ttr_first96")]
+    assert vs_original["diff"] == pytest.approx(0.4) and vs_original["significant"]
+    vs_human = found[("hyperfitted_greedy", "human", "ttr_first96")]
+    assert vs_human["diff"] == pytest.approx(0.0) and not vs_human["significant"]
+    assert not found[("hyperfitted_greedy", "original_greedy", "word_loop")]["significant"]
+    assert all(r["a"] == "hyperfitted_greedy" for r in rows)  # no blocked mode here

@@ -347,3 +347,36 @@ def test_a_study_gets_its_figure_and_report(tmp_path, kind):
         axes = studies.plot_study(study_json(kind)).axes
         assert axes[0].get_xscale() == "log"  # data size on a log axis
         assert any(line.get_label().startswith("paper") for line in axes[0].lines)
+
+
+def test_the_frontier_study_reports_each_setting_over_seeds(
+    tiny_model_dir, tiny_data, tmp_path, monkeypatch
+):
+    """The frontier study on two tiny settings x two seeds: one ordinary run per (setting, seed),
+    each row with the text measures the frontier compares (word loops, intrusions), and per
+    setting the mean over seeds with a 95 % interval, the goal checks, the choice, the figure
+    and the report."""
+    runs = dict(a=dict(lr=1e-2, num_train=16, epochs=2), b=dict(lr=1e-2, num_train=16, epochs=4))
+    monkeypatch.setattr(studies, "FRONTIER_RUNS", runs)
+    training = dict(TRAINING, model=tiny_model_dir, data=tiny_data)
+    evaluation = dict(EVALUATION, num_prompts=6, new_tokens=24)
+    study = studies.run_study(
+        "frontier", tmp_path, training, evaluation, order_seeds=[0, 1], progress=False
+    )
+    assert [r["run"] for r in study["rows"]] == ["a-s0", "b-s0", "a-s1", "b-s1"]
+    assert {r["seed"] for r in study["rows"]} == {0, 1}
+    for row in study["rows"]:
+        for key in ("word_loop", "intrusion", "unknown_word_share"):
+            assert 0 <= row[f"hyperfitted_greedy.{key}"] <= 1, key
+        assert row["hyperfitted_greedy.ttr_first96"] is None  # 24 tokens: no 96-token window
+        assert row["human.intrusion"] == 0  # the human text comes from the prompt's own book
+    settings = {e["setting"]: e for e in study["settings"]}
+    assert set(settings) == {"a", "b"} and settings["a"]["seeds"] == [0, 1]
+    loss = settings["b"]["final_train_loss"]
+    rows = [r["final_train_loss"] for r in study["rows"] if r["setting"] == "b"]
+    assert loss["mean"] == pytest.approx(sum(rows) / 2) and loss["ci"][0] <= loss["mean"]
+    assert study["choice"]["setting"] in settings and set(study["choice"]["goals"]) == {"a", "b"}
+    folder = tmp_path / "frontier"
+    report = (folder / "report.md").read_text()
+    assert "| a |" in report and f"Chosen: **{study['choice']['setting']}**" in report
+    assert (folder / "study.png").stat().st_size > 0
