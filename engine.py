@@ -403,3 +403,22 @@ def token_statistics(net, ids, batch_size=8, temperature=1.0, top1=False):
     stats = {k: v / (len(ids) * (ids.shape[1] - 1)) for k, v in totals.items()}
     stats["perplexity"] = math.exp(stats["loss"])
     return dict(stats, top1_ids=torch.cat(top1_ids)) if top1 else stats
+
+
+def resolve_model_source(model, presets):
+    """Preset name (a key of `presets`), local folder or hub id -> what from_pretrained should
+    load (the bundled model: its converted folder)."""
+    source = presets[model]["source"] if model in presets else str(model)
+    if source == BUNDLED:
+        return bundled_model_dir()
+    if os.path.isdir(source):
+        if not os.path.exists(os.path.join(source, "config.json")):
+            raise UsageError(
+                f"model folder {source} has no config.json; pass a Hugging Face folder"
+            )
+        return source
+    if source.startswith((".", "/", "~")) or source.count("/") != 1:  # a path, not a hub id
+        raise UsageError(
+            f"--model {source}: no such preset or folder; presets: {', '.join(presets)}"
+        )
+    return source  # a hub id

@@ -731,7 +731,7 @@ def evaluate(run_dir=None, progress=True, **options):
     setup = resolve_setup(run_dir, options)
     out_dir = check_out_dir(setup, options.out_dir)
     length, model = setup["split"]["prompt_len"] + options.new_tokens, setup["model"]
-    runfiles.check_context(hf.resolve_model_source(model), model, length)
+    runfiles.check_context(engine.resolve_model_source(model, hf.PRESETS), model, length)
     tokenizer = hf.load_tokenizer(setup["model"])
     data = load_eval_data(tokenizer, setup, options)
     with run_lock(setup, out_dir):
@@ -871,6 +871,58 @@ def command_line(args):
         else:
             words += [flag, ",".join(value) if field.name == "modes" else str(value)]
     return shlex.join(words)
+
+
+# -----------------------------------------------------------------------------
+# the quick check of an install: the whole chain in about two minutes (python hyperfit.py --quick)
+
+# 20 steps on 16 x 64 tokens; validation every 5 steps, greedy TTR at the start and the end
+QUICK_TRAINING = dict(run_name="quick", seq_len=64, num_train=16, epochs=10, lr=2e-3, num_val=8)
+QUICK_TRAINING.update(num_prompts=8, gen_tokens=48, eval_every=5, gen_every=20)
+QUICK_EVALUATION = dict(
+    modes="original_greedy,hyperfitted_greedy", num_prompts=8, new_tokens=64, sharpness_seqs=4
+)
+
+
+def quick_signs(run_dir, summary):
+    """The paper's signature, direction by direction, on a quick run: (what, holds, numbers)."""
+    steps = runfiles.read_jsonl(Path(run_dir) / "steps.jsonl")
+    records = runfiles.read_jsonl(Path(run_dir) / "metrics.jsonl")
+    (first, last), ttr = (records[0], records[-1]), {}
+    for mode, info in summary["modes"].items():
+        ttr[mode] = info["metrics"]["ttr"]["mean"]
+    loss, val = (steps[0]["train_loss"], steps[-1]["train_loss"]), "val_loss"
+    entropy, greedy = "val_entropy", (ttr["original_greedy"], ttr["hyperfitted_greedy"])
+    return [
+        ("training loss falls hard", loss[1] < 0.5 * loss[0], loss),
+        ("validation loss rises", last[val] > first[val], (first[val], last[val])),
+        ("entropy falls", last[entropy] < first[entropy], (first[entropy], last[entropy])),
+        ("greedy TTR rises (original -> hyperfitted)", greedy[1] > greedy[0], greedy),
+    ]
+
+
+def quick_check(model=None, out_dir=None, progress=True, resume=False, overwrite=False, **settings):
+    """Check an install in about two minutes: hyperfit `model` (the bundled one) on a tiny plan
+    (QUICK_TRAINING, replacing an earlier quick run), evaluate greedy text of both models, plot,
+    and print each direction of the paper's signature with a check mark. Returns 0 when the
+    chain ran (the signs are printed, not enforced: 20 steps only show the direction)."""
+    import plot
+
+    if resume:
+        raise UsageError("--quick starts a fresh quick run each time: drop --resume")
+    started, given = time.time(), {k: v for k, v in settings.items() if v is not None}
+    training = dict(QUICK_TRAINING, **given, out_dir=out_dir, progress=progress)
+    again = runfiles.is_run_folder(hf.run_folder_of(dict(training, model=model)))
+    run_dir = hf.hyperfit(model, overwrite=again, **training)  # replaces only an earlier one
+    summary = evaluate(run_dir, progress=progress, **QUICK_EVALUATION)
+    plot.plot_run(run_dir)
+    signs = quick_signs(run_dir, summary)
+    for what, holds, (before, after) in signs:
+        print(f"{'✓' if holds else '✗'} {what}: {before:.3f} -> {after:.3f}")
+    held, took = sum(holds for _, holds, _ in signs), time.time() - started
+    folder = os.path.relpath(run_dir)
+    print(f"quick check: {held}/{len(signs)} signs as in the paper, {took:.0f} s; see {folder}")
+    return 0
 
 
 # -----------------------------------------------------------------------------

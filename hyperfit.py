@@ -206,6 +206,7 @@ def hyperfit(model=None, *, resume=False, overwrite=False, progress=True, **sett
         with runfiles.StopRequest() as stop, runfiles.progress_bar(run, progress):
             train(run, stop)
             engine.save_adapter(run)
+            run.bar.finished()
     return str(run_dir)
 
 
@@ -222,6 +223,7 @@ def train(run, stop):
         epoch, position = divmod(run.step, run.steps_per_epoch)
         order_seed = s.seed if s.order_seed is None else s.order_seed
         batch = global_batches(s.num_train, s.batch_size, order_seed, epoch)[position]
+        started = time.time()
         try:
             loss = train_step(run, run.train_ids[batch])
         except NumericalError as e:  # say what was kept and the way out
@@ -235,8 +237,7 @@ def train(run, stop):
             )
             record = dict(step=run.step, epoch=epoch, train_loss=loss, lr=lr)
             runfiles.append_jsonl(run.run_dir / "steps.jsonl", record)
-        run.bar.update(1)
-        run.bar.set_postfix(loss=f"{loss:.3f}")
+        run.bar.stepped(time.time() - started, loss)  # the bar's ETA counts validations too
         if run.step % s.eval_every == 0 or run.step == run.total_steps:
             validate_and_log(run)
         if run.step % (s.save_every or s.eval_every) == 0 or run.step == run.total_steps:
@@ -303,12 +304,15 @@ def validate(net, tokenizer, val_ids, prompt_ids, gen_tokens, batch_size, dense=
     continuations of the prompts (Carlsson et al. 2025; official code, src/validation.py). On a
     CPU it scores and generates with engine.dense_copy (the same function, ~3x faster). Returns
     (record, three samples; none without `gen`)."""
-    scorer = engine.scoring_net(net, dense)
+    started, scorer = time.time(), engine.scoring_net(net, dense)
     stats = engine.token_statistics(scorer, val_ids, batch_size=batch_size)
     record = dict(val_loss=stats["loss"], val_entropy=stats["entropy"], val_top1_prob=stats["top1"])
+    record.update(score_s=round(time.time() - started, 2), gen_s=None)
     if not gen:  # the cheap points of the curves: no generation
         return dict(record, val_greedy_ttr=None), []
-    continuations = engine.generate(scorer, prompt_ids, gen_tokens, batch_size=len(prompt_ids))
+    started, n = time.time(), len(prompt_ids)
+    continuations = engine.generate(scorer, prompt_ids, gen_tokens, n, desc="  continuations")
+    record["gen_s"] = round(time.time() - started, 2)
     ttr = [measures.type_token_ratio(c.tolist(), last=TTR_WINDOW) for c in continuations]
     decoded = zip(tokenizer.batch_decode(prompt_ids[:3]), tokenizer.batch_decode(continuations[:3]))
     samples = [dict(prompt=prompt, continuation=text) for prompt, text in decoded]
@@ -365,7 +369,7 @@ def prepare_run(settings, run_dir, texts, resume, previous):
             "a new run with another --run-name"
         )
     lengths = (s.seq_len, s.prompt_len + s.gen_tokens)
-    runfiles.check_context(resolve_model_source(s.model), s.model, *lengths)
+    runfiles.check_context(engine.resolve_model_source(s.model, PRESETS), s.model, *lengths)
     torch.manual_seed(s.seed)
     random.seed(s.seed)
     net, _ = load_model(s.model, s.quant, device=run.accelerator.device, dtype=s.dtype)
@@ -393,6 +397,7 @@ def validate_and_log(run):
     one line (the main process; under FSDP every process runs the forwards, which gather the
     shards, and the main one writes)."""
     s, step, sharded = run.settings, run.step, engine.is_sharded(run.accelerator)
+    run.bar.validating(step)  # names the phase: validating k/N
     if run.is_main() or sharded:
         texts = (run.val_ids, run.prompt_ids, s.gen_tokens, s.batch_size)
         dense = False if sharded else None  # under FSDP the sharded net itself, else engine's
@@ -404,6 +409,7 @@ def validate_and_log(run):
         record = dict(step=step, epoch=epoch, elapsed_s=elapsed, train_loss=train_loss, **record)
         lr = run.optimizer.param_groups[0]["lr"]  # what the optimizer used, not the setting
         runfiles.append_jsonl(run.run_dir / "metrics.jsonl", dict(record, lr=lr))
+        run.bar.validated(record["score_s"], record["gen_s"])
         for i, sample in enumerate(samples):
             sample = dict(step=step, prompt_id=i, **sample)
             runfiles.append_jsonl(run.run_dir / "samples.jsonl", sample)
@@ -418,31 +424,13 @@ def validate_and_log(run):
 # models
 
 
-def resolve_model_source(model):
-    """Preset name, local folder or hub id -> what from_pretrained should load."""
-    source = PRESETS[model]["source"] if model in PRESETS else str(model)
-    if source == engine.BUNDLED:
-        return engine.bundled_model_dir()
-    if os.path.isdir(source):
-        if not os.path.exists(os.path.join(source, "config.json")):
-            raise UsageError(
-                f"model folder {source} has no config.json; pass a Hugging Face folder"
-            )
-        return source
-    if source.startswith((".", "/", "~")) or source.count("/") != 1:  # a path, not a hub id
-        raise UsageError(
-            f"--model {source}: no such preset or folder; presets: {', '.join(PRESETS)}"
-        )
-    return source  # a hub id
-
-
 def load_tokenizer(model):
     """The tokenizer of `model` (a preset, folder or hub id), with a pad token (EOS if it has
     none: every sequence the kit feeds has the same length, so padding never shows)."""
     from transformers import AutoTokenizer
 
     runfiles.quiet_libraries()
-    source = resolve_model_source(model)
+    source = engine.resolve_model_source(model, PRESETS)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as e:  # a missing or damaged tokenizer file, the network
@@ -470,7 +458,7 @@ def load_model(model=Settings.model, quant="4bit", adapter=None, device=None, dt
     dtype = runfiles.compute_dtype(device, dtype)
     quantization = engine.quantization_config(quant, dtype)
     tokenizer = load_tokenizer(model)
-    source = resolve_model_source(model)
+    source = engine.resolve_model_source(model, PRESETS)
     try:
         net = AutoModelForCausalLM.from_pretrained(
             source, quantization_config=quantization, dtype=dtype, device_map={"": device}
@@ -638,16 +626,15 @@ def run_folder_of(given):
 
 
 def build_parser():
-    p = runfiles.Parser(
-        description="Hyperfit an LLM (4-bit + LoRA) on a tiny dataset and log the paper's "
-        "validation metrics to <out-dir>/<run-name>/. An unset option takes the preset's "
-        "value, else the paper's protocol, else the kit's default.",
-        epilog="presets: " + "; ".join(f"{k} = {v['source']}" for k, v in PRESETS.items()),
-    )
+    about = "Hyperfit an LLM (4-bit + LoRA) on a tiny dataset into <out-dir>/<run-name>/."
+    presets = "presets: " + "; ".join(f"{k} = {v['source']}" for k, v in PRESETS.items())
+    p = runfiles.Parser(description=about, epilog=presets)
     runfiles.add_arguments(p, Settings, defaults_for(Settings.model), PRESETS[Settings.model])
     resume = f"continue the run from its checkpoint (it may change {', '.join(RESUMABLE)})"
     p.add_argument("--resume", action="store_true", help=resume)
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    quick = "check the install in ~2 minutes: a tiny run, evaluated and plotted, its signs checked"
+    p.add_argument("--quick", action="store_true", help=quick)
     return p
 
 
@@ -656,7 +643,12 @@ def main(argv=None):
     interrupted); errors are one line on stderr."""
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C from here: KeyboardInterrupt
     try:
-        run = os.path.relpath(hyperfit(**vars(build_parser().parse_args(argv))))
+        args = vars(build_parser().parse_args(argv))
+        if args.pop("quick"):  # the whole chain (evaluate.py imports this file, so only here)
+            import evaluate
+
+            return evaluate.quick_check(**args)
+        run = os.path.relpath(hyperfit(**args))
     except tuple(runfiles.EXIT_CODES) as e:
         print(f"hyperfit.py: {e}", file=sys.stderr)
         return next(code for kind, code in runfiles.EXIT_CODES.items() if isinstance(e, kind))

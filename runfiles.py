@@ -655,12 +655,89 @@ def describe_settings(settings, run_dir, changes):
 
 @contextlib.contextmanager
 def progress_bar(run, progress):
-    """A tqdm bar over the run's steps (main process), at run.bar while the loop runs."""
-    from tqdm.auto import tqdm
-
-    shown, name = progress and run.is_main(), run.settings.run_name
-    with tqdm(total=run.total_steps, initial=run.step, desc=name, disable=not shown) as run.bar:
+    """The run's RunProgress (main process), at run.bar while the loop runs."""
+    with RunProgress(run, progress and run.is_main()) as run.bar:
         yield run.bar
+
+
+class RunProgress:
+    """A tqdm bar over the run's whole work, validations included: its unit is the seconds the
+    run is expected to take, so tqdm's own ETA counts the validations still to come. The plan
+    (steps, validations with and without generation) is timed on the first step and the first
+    validation of each kind; the expected total is printed once, the measured one at the end."""
+
+    def __init__(self, run, shown):
+        self.run, self.shown, self.seconds = run, shown, {}  # measured: step, score, gen
+        s, self.first_step = run.settings, run.step
+        every, gen_every = s.eval_every, s.gen_every or s.eval_every
+        checks = [k for k in range(run.step + 1, run.total_steps + 1) if k % every == 0]
+        checks = sorted({*checks, run.total_steps} | ({0} if run.step == 0 else set()))
+        self.checks = [(k, k % gen_every == 0 or k == run.total_steps) for k in checks]
+        self.started, self.expected, self.done = time.time(), None, 0.0
+
+    def __enter__(self):
+        from tqdm.auto import tqdm
+
+        form = "{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]{postfix}"
+        self.bar = tqdm(total=1, desc=self.run.settings.run_name, disable=not self.shown)
+        self.bar.bar_format = form
+        return self
+
+    def __exit__(self, *exc_info):
+        self.bar.close()
+
+    def validating(self, step):
+        """Name the phase: 'validating k/N' (with greedy continuations where it generates)."""
+        done = sum(k < step for k, _ in self.checks)
+        gen = dict(self.checks).get(step, True)
+        what = "validating (greedy continuations)" if gen else "validating"
+        self.bar.set_description_str(
+            f"{self.run.settings.run_name}: {what} {done + 1}/{len(self.checks)}"
+        )
+
+    def validated(self, score_s, gen_s):
+        self.seconds.setdefault("score", score_s)
+        if gen_s is not None:
+            self.seconds.setdefault("gen", gen_s)
+        self._advance(score_s + (gen_s or 0))
+        self.bar.set_description_str(f"{self.run.settings.run_name}: training")
+
+    def stepped(self, seconds, loss):
+        self.seconds.setdefault("step", seconds)
+        self._advance(seconds)
+        self.bar.set_postfix_str(f"step {self.run.step}/{self.run.total_steps} loss {loss:.3f}")
+
+    def _advance(self, seconds):
+        self.done += seconds
+        if self.expected is not None:
+            self.bar.update(seconds)
+        elif {"step", "score", "gen"} <= set(self.seconds):  # every unit timed: the plan's time
+            self.expected = self.estimate()
+            self.bar.total = self.expected
+            self.bar.write(f"expected: {self.plan_text()} (timed on the first step and validation)")
+            self.bar.update(self.done)
+
+    def estimate(self):
+        """The run's expected seconds from its plan and the measured unit times."""
+        t, steps = self.seconds, self.run.total_steps - self.first_step
+        gens = sum(g for _, g in self.checks)
+        return steps * t["step"] + len(self.checks) * t["score"] + gens * t["gen"]
+
+    def plan_text(self):
+        t, steps = self.seconds, self.run.total_steps - self.first_step
+        checks, gens = len(self.checks), sum(g for _, g in self.checks)
+        return (
+            f"{steps} steps x {t['step']:.1f} s + {checks} validations x {t['score']:.1f} s + "
+            f"{gens} with greedy continuations x {t['gen']:.1f} s = {self.expected:.0f} s"
+        )
+
+    def write(self, text):
+        self.bar.write(text)
+
+    def finished(self):
+        took = time.time() - self.started
+        expected = f" (expected {self.expected:.0f} s)" if self.expected else ""
+        self.bar.write(f"trained in {took:.0f} s{expected}")
 
 
 class StopRequest:

@@ -3,6 +3,7 @@ exactly, it is deterministic, and the training step is the paper's."""
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -286,3 +287,53 @@ def test_a_cpu_model_lets_its_weights_file_go(tiny_model_dir, tmp_path, quant):
     net, _ = hyperfit.load_model(str(folder), quant, device="cpu", dtype="float32")
     assert str(folder) not in Path("/proc/self/maps").read_text()
     assert net(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_every_phase_is_named_and_the_expected_time_counts_the_validations(
+    tiny_model_dir, tiny_data, tmp_path, capsys
+):
+    """A newcomer can tell progress from a hang: the run prints its settings, each validation is
+    named on the bar, the expected total (timed on the first step and validation, validations
+    included) is printed once, and the measured total at the end is within 2x of it."""
+    run_dir = tiny_run(
+        tiny_model_dir, tiny_data, tmp_path, "eta", epochs=8, eval_every=3, gen_every=6,
+        progress=True,
+    )  # fmt: skip
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "settings:" in text and "validating (greedy continuations) 1/" in text
+    expected = re.search(r"expected: .* = (\d+) s", text)
+    measured = re.search(r"trained in (\d+) s \(expected (\d+) s\)", text)
+    assert expected and measured and measured[2] == expected[1]
+    assert int(measured[1]) <= 2 * max(1, int(expected[1]))  # the ETA counts the validations
+    records = runfiles.read_jsonl(run_dir / "metrics.jsonl")
+    assert all(r["score_s"] > 0 for r in records)  # each validation's time, in its record
+    assert [r["gen_s"] is not None for r in records] == [
+        s % 6 == 0 or s == 24 for s in (r["step"] for r in records)
+    ]
+
+
+def test_the_quick_check_runs_the_chain_and_prints_each_sign(
+    tiny_model_dir, tiny_data, tmp_path, capsys
+):
+    """python hyperfit.py --quick: a tiny run, evaluated and plotted, then each direction of the
+    paper's signature with a check mark and the numbers behind it; a second one replaces the
+    first quick run (and only it)."""
+    argv = ["--quick", "--model", tiny_model_dir, "--data", tiny_data, "--out-dir", str(tmp_path)]
+    for _ in range(2):
+        assert hyperfit.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    signs = [line for line in lines if line[:1] in "✓✗" and line[1:2] == " "]
+    assert len(signs) == 8  # four signs, twice
+    run = tmp_path / "quick"
+    steps = runfiles.read_jsonl(run / "steps.jsonl")
+    first, last = steps[0]["train_loss"], steps[-1]["train_loss"]
+    assert signs[4] == f"{'✓' if last < 0.5 * first else '✗'} training loss falls hard: " + (
+        f"{first:.3f} -> {last:.3f}"
+    )
+    assert (
+        len(steps) == 20 and (run / "report.md").exists() and (run / "training_curves.png").exists()
+    )
+    assert any(
+        line.startswith("quick check: ") and "signs as in the paper" in line for line in lines
+    )
