@@ -489,14 +489,16 @@ class Nets:
         return "hyperfitted" if mode.startswith("hyperfitted") else "original"
 
 
-def load_nets(setup, device, dense):
-    """Load the run's base model and adapter once; `dense` None means: dense copies on a CPU."""
+def load_nets(setup, device, dense, tokenizer=None):
+    """Load the run's base model and adapter once; `dense` None means: dense copies on a CPU.
+    `tokenizer`: evaluate()'s, so it is not loaded a second time."""
     net, _ = hf.load_model(
         setup["model"],
         setup["quant"],
         adapter=setup["adapter"],
         device=device,
         dtype=setup["dtype"],
+        tokenizer=tokenizer,
     )
     net.eval()
     dense = (runfiles.pick_device(device).type == "cpu") if dense is None else dense
@@ -789,7 +791,7 @@ def run_evaluation(setup, data, modes, options, tokenizer, device, progress):
     """Load the models, measure sharpness, generate every mode, measure every continuation.
     Returns (summary without its total time, generation records)."""
     timing, clock = {}, time.time()
-    nets = load_nets(setup, device, options.dense)
+    nets = load_nets(setup, device, options.dense, tokenizer)
     timing["load_s"] = time.time() - clock
     clock = time.time()
     if progress:

@@ -455,8 +455,10 @@ def load_tokenizer(model):
     return tokenizer
 
 
-def load_model(model=Settings.model, quant="4bit", adapter=None, device=None, dtype="auto"):
-    """Load (net, tokenizer) for training or evaluation.
+def load_model(
+    model=Settings.model, quant="4bit", adapter=None, device=None, dtype="auto", tokenizer=None
+):
+    """Load (net, tokenizer) for training or evaluation (`tokenizer`: one already loaded).
 
     model: a preset name, a local Hugging Face folder or a hub id. quant: "4bit" (NF4, double
     quantization), "8bit" or "none". adapter: a LoRA adapter folder to attach (a peft PeftModel,
@@ -472,7 +474,7 @@ def load_model(model=Settings.model, quant="4bit", adapter=None, device=None, dt
     device = runfiles.pick_device(device)
     dtype = runfiles.compute_dtype(device, dtype)
     quantization = engine.quantization_config(quant, dtype)
-    tokenizer = load_tokenizer(model)
+    tokenizer = tokenizer or load_tokenizer(model)
     source = resolve_model_source(model)
     try:
         net = AutoModelForCausalLM.from_pretrained(
