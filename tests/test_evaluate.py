@@ -456,6 +456,38 @@ def test_original_model_alone(tiny_model_dir, tiny_data, tmp_path):
     assert (tmp_path / "eval" / "summary.json").exists()
 
 
+PHASES = (  # summary.json's timing_s: every phase of an evaluation of all modes
+    "data_s",
+    "load_s",
+    "sharpness_s",
+    "temperature_s",
+    "generate_original_s",
+    "generate_hyperfitted_s",
+    "scoring_s",
+    "measuring_s",
+    "mauve_features_s",
+    "mauve_s",
+)
+
+
+def test_every_phase_is_timed_and_shown(tiny_hyperfitted, tmp_path, capsys):
+    """A newcomer tells progress from a hang: each phase prints a line or shows a named bar, and
+    its seconds are in timing_s (each >= 0, together at most total_s); progress=False: silence."""
+    args = dict(num_prompts=4, new_tokens=8, batch_size=8, sharpness_seqs=2)
+    summary = evaluate.evaluate(tiny_hyperfitted, out_dir=tmp_path / "a", progress=True, **args)
+    shown = "".join(capsys.readouterr())
+    for name in ("loading", "sharpness: original", "entropy-matched temperature", "original:"):
+        assert name in shown, name
+    for name in ("scoring", "measuring", "MAUVE features", "MAUVE:"):
+        assert name in shown, name
+    timing = json.loads((tmp_path / "a" / "summary.json").read_text())["timing_s"]
+    assert timing == summary["timing_s"] and list(timing) == [*PHASES, "total_s"]
+    assert all(timing[k] >= 0 for k in timing)
+    assert sum(timing[k] for k in PHASES) <= timing["total_s"] + 0.05 * len(PHASES)
+    evaluate.evaluate(tiny_hyperfitted, out_dir=tmp_path / "b", progress=False, **args)
+    assert capsys.readouterr() == ("", "")
+
+
 # -----------------------------------------------------------------------------
 # bad input: exit 2, one line naming the problem, nothing written or overwritten
 
