@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -799,7 +800,14 @@ def read_text_file(file):
         )
     try:
         raw = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:  # Latin-1 / Windows-1252 books are common: give the fix
+        converted = file.with_name(f"{file.stem}.utf8{file.suffix}")
+        raise UsageError(
+            f"--data: {file} is not UTF-8 text (byte {e.start}: {e.reason}); convert it first, "
+            f"e.g. from Latin-1: iconv -f latin1 -t utf-8 {shlex.quote(str(file))} > "
+            f"{shlex.quote(str(converted))}, and pass that file"
+        ) from None
+    except OSError as e:
         raise UsageError(
             f"--data: cannot read {file} as UTF-8 text ({e.__class__.__name__})"
         ) from None

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -849,4 +850,18 @@ def test_a_named_pipe_as_data_is_one_line_not_a_hang(base_args, tmp_path, capsys
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     assert code == 2 and len(err) == 1 and "is not a regular file" in err[0]
+    assert tree(tmp_path / "results") == []
+
+
+# ---------------------------------------------------------------- 10. errors that say what to do
+
+
+def test_a_latin1_data_file_names_the_conversion(base_args, tmp_path, capsys):
+    """A Latin-1 book (common for old e-texts) is refused with the iconv command that fixes it."""
+    book = tmp_path / "café.txt"
+    book.write_bytes(("Il était une fois, à Paris. " * 200).encode("latin-1"))
+    code, err = cli(replace(base_args, "--data", book), capsys)
+    assert code == 2 and len(err) == 1 and "is not UTF-8 text" in err[0]
+    converted = shlex.quote(str(tmp_path / "café.utf8.txt"))  # quoted: copied, it runs
+    assert f"iconv -f latin1 -t utf-8 {shlex.quote(str(book))} > {converted}" in err[0]
     assert tree(tmp_path / "results") == []
