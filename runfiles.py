@@ -456,7 +456,7 @@ def is_main_process():
 def pick_device(device=None):
     """The torch.device to use: `device` ("cpu", "cuda", "cuda:N"), or the GPU if there is one."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         chosen = torch.device(device)
     except (RuntimeError, TypeError):
@@ -468,7 +468,26 @@ def pick_device(device=None):
         raise UsageError(
             f"--device {device}: no CUDA GPU is visible here ({build}); use --device cpu"
         )
+    note_one_gpu_of_several(chosen)
     return chosen
+
+
+NOTED = set()  # notes already printed by this process
+
+
+def note_one_gpu_of_several(device):
+    """A plain `python` process uses one GPU: on a machine with several, say once which one and how
+    to use them all (accelerate's launcher sets WORLD_SIZE for its processes)."""
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if count < 2 or int(os.environ.get("WORLD_SIZE", "1")) > 1 or "gpu" in NOTED:
+        return
+    NOTED.add("gpu")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    print(
+        f"using cuda:{index} of {count} GPUs; accelerate launch --multi_gpu uses all, "
+        "see docs/multi-gpu.md",
+        flush=True,
+    )
 
 
 def cpu_info():

@@ -865,3 +865,23 @@ def test_a_latin1_data_file_names_the_conversion(base_args, tmp_path, capsys):
     converted = shlex.quote(str(tmp_path / "café.utf8.txt"))  # quoted: copied, it runs
     assert f"iconv -f latin1 -t utf-8 {shlex.quote(str(book))} > {converted}" in err[0]
     assert tree(tmp_path / "results") == []
+
+
+def test_plain_python_on_several_gpus_says_once_which_gpu_it_uses(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(runfiles, "NOTED", set())
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert runfiles.pick_device() == torch.device("cuda")
+    assert capsys.readouterr().out == ""  # one GPU: nothing to say
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    runfiles.pick_device()
+    runfiles.pick_device("cuda")
+    assert capsys.readouterr().out == (
+        "using cuda:0 of 2 GPUs; accelerate launch --multi_gpu uses all, see docs/multi-gpu.md\n"
+    )
+    monkeypatch.setattr(runfiles, "NOTED", set())
+    monkeypatch.setenv("WORLD_SIZE", "2")  # accelerate launch --multi_gpu: every GPU is used
+    runfiles.pick_device()
+    assert capsys.readouterr().out == ""
