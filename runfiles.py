@@ -525,10 +525,18 @@ def compute_dtype(device, dtype="auto"):
         if name is None:
             value = os.environ["HYPERFIT_DTYPE"]
             raise UsageError(f"HYPERFIT_DTYPE={value}: choose auto, float32, bfloat16 or float16")
+    # without emulation: an emulated bf16 (pre-Ampere GPUs, the T4) is slow and some kernels lack it
+    native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    if name == "bfloat16" and device.type == "cuda" and not native_bf16:
+        asked = f"--dtype {dtype}" if dtype not in (None, "auto") else "HYPERFIT_DTYPE=bfloat16"
+        raise UsageError(
+            f"{asked}: this GPU does not compute bfloat16 (it needs an Ampere GPU or newer); "
+            "use --dtype float16 (or auto, which picks it here)"
+        )
     if name != "auto":
         return DTYPES[name]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16 else torch.float16
     return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & set(cpu_flags()) else torch.float32
 
 

@@ -867,6 +867,21 @@ def test_a_latin1_data_file_names_the_conversion(base_args, tmp_path, capsys):
     assert tree(tmp_path / "results") == []
 
 
+def test_bfloat16_on_a_gpu_without_it_names_float16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    gpu = torch.device("cuda")
+    with pytest.raises(hyperfit.UsageError, match=r"--dtype bfloat16: .* use --dtype float16"):
+        runfiles.compute_dtype(gpu, "bfloat16")
+    monkeypatch.setenv("HYPERFIT_DTYPE", "bf16")
+    with pytest.raises(hyperfit.UsageError, match=r"HYPERFIT_DTYPE=bfloat16: .* --dtype float16"):
+        runfiles.compute_dtype(gpu, "auto")
+    monkeypatch.delenv("HYPERFIT_DTYPE")
+    assert runfiles.compute_dtype(gpu, "auto") == torch.float16  # auto picks what the GPU computes
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert runfiles.compute_dtype(gpu, "bfloat16") == torch.bfloat16
+
+
 def test_plain_python_on_several_gpus_says_once_which_gpu_it_uses(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
