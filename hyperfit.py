@@ -239,6 +239,8 @@ def train(run, stop):
             loss = train_step(run, run.train_ids[batch])
         except NumericalError as e:  # say what was kept and the way out
             raise NumericalError(runfiles.numerical_message(run, e)) from None
+        except torch.OutOfMemoryError:  # the peak, what was kept, the options that need less
+            raise UsageError(runfiles.memory_message(run)) from None
         run.step += 1
         run.loss_sum, run.loss_count = run.loss_sum + loss, run.loss_count + 1
         run.bar.update(1)

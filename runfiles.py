@@ -656,6 +656,26 @@ def numerical_message(run, error):
     )
 
 
+def memory_message(run):
+    """The one line of a training step that ran out of GPU memory: the peak reached, what was
+    kept, and the options that need less memory (none of them may change on --resume)."""
+    s, peak = run.settings, "n/a"
+    if torch.cuda.is_available():
+        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    where = f"out of GPU memory at step {run.step + 1} (peak {peak} allocated)"
+    micro = run.micro_batch_size
+    micro = f"a --micro-batch-size below {micro} (gradient accumulation: the same batch), "
+    less = (
+        f"start again with --overwrite and a lower --batch-size ({s.batch_size}), "
+        f"{micro if run.micro_batch_size > 1 else ''}--gradient-checkpointing, or a lower "
+        f"--seq-len ({s.seq_len})"
+    )
+    if latest_checkpoint(run.run_dir) is None:
+        return f"{where}; no checkpoint was saved before it: {less}"
+    kept = "the last checkpoint is kept: resume it once the GPU has more free memory with: "
+    return f"{where}; {kept}{resume_command(run)}; or, to need less memory, {less}"
+
+
 def describe_settings(settings, run_dir, changes):
     """The resolved settings, printed at the start of every run (what the run will really do)."""
     values = dataclasses.asdict(settings)

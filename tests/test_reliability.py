@@ -867,6 +867,33 @@ def test_a_latin1_data_file_names_the_conversion(base_args, tmp_path, capsys):
     assert tree(tmp_path / "results") == []
 
 
+@pytest.mark.parametrize("failing_step", [0, 1])
+def test_out_of_gpu_memory_in_a_step_is_one_line_naming_the_options(
+    tiny_model_dir, tiny_data, tmp_path, capsys, monkeypatch, failing_step
+):
+    """torch.OutOfMemoryError in a step: exit 2, one line with the peak, the options that need
+    less memory and the resume command when a checkpoint was saved before it (kept)."""
+    step = hyperfit.train_step
+
+    def out_of_memory(run, batch):
+        if run.step == failing_step:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return step(run, batch)
+
+    monkeypatch.setattr(hyperfit, "train_step", out_of_memory)
+    settings = dict(TINY_COMMAND, epochs=1, save_every=1, eval_every=100)
+    args = command_line(model=tiny_model_dir, data=tiny_data, out_dir=tmp_path, **settings)
+    code, err = cli([*args, "--run-name", "oom"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert f"out of GPU memory at step {failing_step + 1} (peak n/a allocated)" in err[0]
+    for option in ("--batch-size", "--micro-batch-size", "--gradient-checkpointing", "--seq-len"):
+        assert option in err[0], option
+    kept = runfiles.latest_checkpoint(tmp_path / "oom")
+    assert (kept is not None) == (failing_step > 0)
+    assert ("--run-name oom" in err[0] and "--resume" in err[0]) == (kept is not None)
+    assert not (tmp_path / "oom" / "adapter").exists()
+
+
 def test_bfloat16_on_a_gpu_without_it_names_float16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
