@@ -239,20 +239,20 @@ def entropy_matched_temperature(
     bracket=ENTROPY_SEARCH_RANGE,
     tolerance=ENTROPY_SEARCH_TOLERANCE,
     desc=None,
+    cache=None,
 ):
     """The temperature T at which `net`'s mean predictive entropy on `ids` (the quantity of
     engine.token_statistics) equals `target_entropy` (the follow-up paper's control). The
     entropy of softmax(z / T) grows monotonically with T (dH/dT = Var_p(z) / T^3), so bisection
     on T finds it; the upper end of the bracket doubles until it is above the target (up to
     T = 64). The logits are computed once when they fit in LOGIT_CACHE_BYTES, else the model runs
-    at every step. `desc` names a progress bar over the entropy evaluations (None: no bar).
-    Returns dict(temperature, target_entropy, achieved_entropy, steps)."""
+    at every step; `cache`: those logits already computed (engine.token_statistics' `keep`, at
+    temperature 1 and `batch_size`). `desc` names a progress bar over the entropy evaluations
+    (None: no bar). Returns dict(temperature, target_entropy, achieved_entropy, steps)."""
     from tqdm.auto import tqdm
 
     net.eval()
-    vocab = net.config.get_text_config().vocab_size
-    cache = None
-    if ids.shape[0] * (ids.shape[1] - 1) * vocab * 4 <= LOGIT_CACHE_BYTES:
+    if cache is None and fits_logit_cache(net, ids):
         device = next(net.parameters()).device
         cache = [
             net(input_ids=ids[s : s + batch_size].to(device)).logits[:, :-1].float()
@@ -282,6 +282,12 @@ def entropy_matched_temperature(
         achieved_entropy=achieved,
         steps=steps,
     )
+
+
+def fits_logit_cache(net, ids):
+    """Whether the float logits of `ids` under `net` fit in LOGIT_CACHE_BYTES."""
+    vocab = net.config.get_text_config().vocab_size
+    return ids.shape[0] * (ids.shape[1] - 1) * vocab * 4 <= LOGIT_CACHE_BYTES
 
 
 def mean_entropy(net, ids, cache, temperature, batch_size):
@@ -524,12 +530,16 @@ def measure_sharpness(nets, data, modes, progress, timing):
     """The sharpness table on validation text (each model), the share of validation positions
     where both models rank the same token first, and the entropy-matched temperature; their
     seconds go into `timing` (sharpness_s, temperature_s)."""
-    sharpness, top1, clock = {}, {}, time.time()
+    sharpness, top1, clock, cache = {}, {}, time.time(), None
     for which in ("original", "hyperfitted") if nets.has_adapter else ("original",):
         desc = f"sharpness: {which}" if progress else None
         with nets.use(which) as net:
+            # the temperature search needs the original's logits on the same text: keep them
+            if which == "original" and "original_entropy_matched" in modes:
+                cache = [] if fits_logit_cache(net, data["sharpness"]) else None
+            keep = cache if which == "original" else None
             stats = engine.token_statistics(
-                net, data["sharpness"], SCORE_BATCH_SIZE, top1=True, desc=desc
+                net, data["sharpness"], SCORE_BATCH_SIZE, top1=True, desc=desc, keep=keep
             )
         top1[which] = stats.pop("top1_ids")
         sharpness[which] = stats
@@ -543,7 +553,7 @@ def measure_sharpness(nets, data, modes, progress, timing):
         desc = "entropy-matched temperature" if progress else None
         with nets.use("original") as net:
             matched = entropy_matched_temperature(
-                net, data["sharpness"], sharpness["hyperfitted"]["entropy"], desc=desc
+                net, data["sharpness"], sharpness["hyperfitted"]["entropy"], desc=desc, cache=cache
             )
     timing["temperature_s"] = time.time() - clock
     return sharpness, matched

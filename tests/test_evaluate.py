@@ -126,6 +126,9 @@ def test_entropy_matched_temperature_converges(tiny_net, monkeypatch):
     found = evaluate.entropy_matched_temperature(tiny_net, ids, target)
     assert found["temperature"] == pytest.approx(0.6, abs=0.01)
     assert found["achieved_entropy"] == pytest.approx(target, abs=0.01)
+    kept = []  # the logits of the sharpness pass: the search without its own first pass
+    engine.token_statistics(tiny_net, ids, evaluate.SCORE_BATCH_SIZE, keep=kept)
+    assert evaluate.entropy_matched_temperature(tiny_net, ids, target, cache=kept) == found
     monkeypatch.setattr(evaluate, "LOGIT_CACHE_BYTES", 0)  # the path that reruns the model
     again = evaluate.entropy_matched_temperature(tiny_net, ids, target)
     assert again["temperature"] == pytest.approx(found["temperature"])
