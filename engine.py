@@ -377,19 +377,27 @@ def save_adapter(run):
 
 
 @torch.no_grad()
-def token_statistics(net, ids, batch_size=8, temperature=1.0, top1=False):
+def token_statistics(net, ids, batch_size=8, temperature=1.0, top1=False, desc=None, keep=None):
     """Next-token statistics of `net` on the sequences `ids` (LongTensor [N, T]), averaged over
     every predicted position (Carlsson et al. 2025, sharpness table and validation): loss (nats),
     perplexity, predictive entropy -sum p ln p (nats), and the probability mass on the top-1/3/5
     tokens. `temperature` rescales the logits first (the entropy-matched baseline). With `top1`,
     also top1_ids: net's most likely next token at every position (LongTensor [N, T-1]), to
-    compare models position by position. Returns a dict of floats (and that tensor)."""
+    compare models position by position. `desc` names a progress bar over the batches (None: no
+    bar). `keep`, a list: each batch's float logits [b, T-1, V] are appended to it (evaluate.py's
+    temperature search reuses them rather than run the model again). Returns a dict of floats
+    (and that tensor)."""
+    from tqdm.auto import tqdm
+
     device, was_training = next(net.parameters()).device, net.training
     net.eval()
     totals, top1_ids = dict(loss=0.0, entropy=0.0, top1=0.0, top3=0.0, top5=0.0), []
-    for start in range(0, len(ids), batch_size):
+    starts = range(0, len(ids), batch_size)
+    for start in tqdm(starts, desc=desc, disable=desc is None, leave=False, unit="batch"):
         batch = ids[start : start + batch_size].to(device)
         logits = net(input_ids=batch).logits[:, :-1].float() / temperature
+        if keep is not None:
+            keep.append(logits)
         logp = torch.log_softmax(logits, dim=-1)
         probs = logp.exp()
         top5 = probs.topk(5, dim=-1).values

@@ -238,39 +238,56 @@ def entropy_matched_temperature(
     batch_size=SCORE_BATCH_SIZE,
     bracket=ENTROPY_SEARCH_RANGE,
     tolerance=ENTROPY_SEARCH_TOLERANCE,
+    desc=None,
+    cache=None,
 ):
     """The temperature T at which `net`'s mean predictive entropy on `ids` (the quantity of
     engine.token_statistics) equals `target_entropy` (the follow-up paper's control). The
     entropy of softmax(z / T) grows monotonically with T (dH/dT = Var_p(z) / T^3), so bisection
     on T finds it; the upper end of the bracket doubles until it is above the target (up to
     T = 64). The logits are computed once when they fit in LOGIT_CACHE_BYTES, else the model runs
-    at every step. Returns dict(temperature, target_entropy, achieved_entropy, steps)."""
+    at every step; `cache`: those logits already computed (engine.token_statistics' `keep`, at
+    temperature 1 and `batch_size`). `desc` names a progress bar over the entropy evaluations
+    (None: no bar). Returns dict(temperature, target_entropy, achieved_entropy, steps)."""
+    from tqdm.auto import tqdm
+
     net.eval()
-    vocab = net.config.get_text_config().vocab_size
-    cache = None
-    if ids.shape[0] * (ids.shape[1] - 1) * vocab * 4 <= LOGIT_CACHE_BYTES:
+    if cache is None and fits_logit_cache(net, ids):
         device = next(net.parameters()).device
         cache = [
             net(input_ids=ids[s : s + batch_size].to(device)).logits[:, :-1].float()
             for s in range(0, len(ids), batch_size)
         ]
+    # without a cache every evaluation is a pass of the model: the bar shows each one
+    bar = tqdm(desc=desc, disable=desc is None, leave=False, unit="step")
+
+    def entropy(temperature):
+        bar.update()
+        return mean_entropy(net, ids, cache, temperature, batch_size)
+
     low, high = bracket
     steps = 0
-    while mean_entropy(net, ids, cache, high, batch_size) < target_entropy and high < 64:
+    while entropy(high) < target_entropy and high < 64:
         high, steps = high * 2, steps + 1
     while high - low > tolerance:
         middle = (low + high) / 2
-        below = mean_entropy(net, ids, cache, middle, batch_size) < target_entropy
-        low, high = (middle, high) if below else (low, middle)
+        low, high = (middle, high) if entropy(middle) < target_entropy else (low, middle)
         steps += 1
     temperature = (low + high) / 2
-    achieved = mean_entropy(net, ids, cache, temperature, batch_size)
+    achieved = entropy(temperature)
+    bar.close()
     return dict(
         temperature=temperature,
         target_entropy=target_entropy,
         achieved_entropy=achieved,
         steps=steps,
     )
+
+
+def fits_logit_cache(net, ids):
+    """Whether the float logits of `ids` under `net` fit in LOGIT_CACHE_BYTES."""
+    vocab = net.config.get_text_config().vocab_size
+    return ids.shape[0] * (ids.shape[1] - 1) * vocab * 4 <= LOGIT_CACHE_BYTES
 
 
 def mean_entropy(net, ids, cache, temperature, batch_size):
@@ -493,14 +510,16 @@ class Nets:
         return "hyperfitted" if mode.startswith("hyperfitted") else "original"
 
 
-def load_nets(setup, device, dense):
-    """Load the run's base model and adapter once; `dense` None means: dense copies on a CPU."""
+def load_nets(setup, device, dense, tokenizer=None):
+    """Load the run's base model and adapter once; `dense` None means: dense copies on a CPU.
+    `tokenizer`: evaluate()'s, so it is not loaded a second time."""
     net, _ = hf.load_model(
         setup["model"],
         setup["quant"],
         adapter=setup["adapter"],
         device=device,
         dtype=setup["dtype"],
+        tokenizer=tokenizer,
     )
     net.eval()
     dense = (runfiles.pick_device(device).type == "cpu") if dense is None else dense
@@ -511,25 +530,36 @@ def load_nets(setup, device, dense):
 # the evaluation: sharpness, generation in every mode, measures
 
 
-def measure_sharpness(nets, data, modes):
+def measure_sharpness(nets, data, modes, progress, timing):
     """The sharpness table on validation text (each model), the share of validation positions
-    where both models rank the same token first, and the entropy-matched temperature."""
-    sharpness, top1 = {}, {}
+    where both models rank the same token first, and the entropy-matched temperature; their
+    seconds go into `timing` (sharpness_s, temperature_s)."""
+    sharpness, top1, clock, cache = {}, {}, time.time(), None
     for which in ("original", "hyperfitted") if nets.has_adapter else ("original",):
+        desc = f"sharpness: {which}" if progress else None
         with nets.use(which) as net:
-            stats = engine.token_statistics(net, data["sharpness"], SCORE_BATCH_SIZE, top1=True)
+            # the temperature search needs the original's logits on the same text: keep them
+            if which == "original" and "original_entropy_matched" in modes:
+                cache = [] if fits_logit_cache(net, data["sharpness"]) else None
+            keep = cache if which == "original" else None
+            stats = engine.token_statistics(
+                net, data["sharpness"], SCORE_BATCH_SIZE, top1=True, desc=desc, keep=keep
+            )
         top1[which] = stats.pop("top1_ids")
         sharpness[which] = stats
     if nets.has_adapter:
         sharpness["val_top1_agreement"] = (
             (top1["original"] == top1["hyperfitted"]).float().mean().item()
         )
+    timing["sharpness_s"], clock = time.time() - clock, time.time()
     matched = None
     if "original_entropy_matched" in modes:
+        desc = "entropy-matched temperature" if progress else None
         with nets.use("original") as net:
             matched = entropy_matched_temperature(
-                net, data["sharpness"], sharpness["hyperfitted"]["entropy"]
+                net, data["sharpness"], sharpness["hyperfitted"]["entropy"], desc=desc, cache=cache
             )
+    timing["temperature_s"] = time.time() - clock
     return sharpness, matched
 
 
@@ -645,6 +675,14 @@ def score_rows(nets, which, prompts, rows):
     return perplexities, ranks
 
 
+def shown(items, desc, progress):
+    """`items` under a tqdm bar named `desc` (no bar without `progress`): a phase that takes
+    minutes on a CPU shows it is moving, not hung."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, disable=not progress, leave=False)
+
+
 @torch.no_grad()
 def continuation_features(nets, rows, batch_size=SCORE_BATCH_SIZE):
     """MAUVE's features of each continuation (its token ids alone): the original model's last
@@ -663,16 +701,21 @@ def continuation_features(nets, rows, batch_size=SCORE_BATCH_SIZE):
     return features
 
 
-def mauve_scores(nets, rows_of, texts_of, options):
+def mauve_scores(nets, rows_of, texts_of, options, progress, timing):
     """MAUVE of every mode against the human continuations (measures.mauve_score), over the
-    prompts whose human continuation is there; the features as options.mauve_features says."""
+    prompts whose human continuation is there; the features as options.mauve_features says.
+    Their seconds go into `timing` (mauve_features_s, mauve_s)."""
     import numpy as np
 
-    keep = [i for i, ids in enumerate(rows_of[HUMAN]) if ids]
+    keep, clock = [i for i, ids in enumerate(rows_of[HUMAN]) if ids], time.time()
     if len(keep) < measures.MAUVE_MIN_SAMPLES:  # below it MAUVE cannot tell texts apart
+        timing.update(mauve_features_s=0.0, mauve_s=0.0)
         return {}
     if options.mauve_features == "original":
-        features = {mode: continuation_features(nets, rows) for mode, rows in rows_of.items()}
+        features = {
+            mode: continuation_features(nets, rows_of[mode])
+            for mode in shown(rows_of, "MAUVE features", progress)
+        }
     else:  # mauve-text's own featurizer (gpt2 or bert models, from the hub)
         from mauve.compute_mauve import get_features_from_input
 
@@ -683,34 +726,40 @@ def mauve_scores(nets, rows_of, texts_of, options):
                     None, None, texts, options.mauve_features, 1024, device_id, mode, batch_size=8
                 )
             )
-            for mode, texts in texts_of.items()
+            for mode, texts in shown(texts_of.items(), "MAUVE features", progress)
         }
+    timing["mauve_features_s"], clock = time.time() - clock, time.time()
     human = np.stack([features[HUMAN][i] for i in keep])
-    return {
+    scores = {
         mode: measures.mauve_score(human, np.stack([features[mode][i] for i in keep]), options.seed)
-        for mode in rows_of
-        if mode != HUMAN
+        for mode in shown([m for m in rows_of if m != HUMAN], "MAUVE", progress)
     }
+    timing["mauve_s"] = time.time() - clock
+    return scores
 
 
-def measure_modes(nets, data, continuations, own_scores, tokenizer, options):
+def measure_modes(nets, data, continuations, own_scores, tokenizer, options, progress, timing):
     """Every mode's records and summary, and the human row's. Each model's scores of its own
     continuations come from generating them (own_scores); the other continuations (and the human
     ones) it scores here. MAUVE of each mode against the human continuations goes into its
-    summary."""
-    index = measures.TrainingIndex(data["train"])
+    summary. The seconds of each phase go into `timing` (scoring_s, measuring_s, mauve_*)."""
     rows_of = {mode: rows.tolist() for mode, rows in continuations.items()} | {HUMAN: data["human"]}
+    scores_of, clock = {mode: {} for mode in rows_of}, time.time()
+    models = ("original", "hyperfitted") if nets.has_adapter else ("original",)
+    for mode, which in shown([(m, w) for m in rows_of for w in models], "scoring", progress):
+        own = own_scores.get(mode) if mode != HUMAN and Nets.mode_model(mode) == which else None
+        scores_of[mode][which] = own or score_rows(nets, which, data["prompts"], rows_of[mode])
+    timing["scoring_s"], clock = time.time() - clock, time.time()
+    index = measures.TrainingIndex(data["train"])
     records, summary_modes = [], {}
-    for mode, rows in rows_of.items():
-        scores = {}
-        for which in ("original", "hyperfitted") if nets.has_adapter else ("original",):
-            own = own_scores.get(mode) if mode != HUMAN and Nets.mode_model(mode) == which else None
-            scores[which] = own or score_rows(nets, which, data["prompts"], rows)
+    for mode in shown(rows_of, "measuring", progress):
+        rows, scores = rows_of[mode], scores_of[mode]
         mode_records = measures.measure_mode(mode, data, rows, index, tokenizer, scores)
         records += mode_records
         summary_modes[mode] = measures.summarize_mode(mode_records)
+    timing["measuring_s"] = time.time() - clock
     texts_of = {mode: [r["text"] for r in records if r["mode"] == mode] for mode in rows_of}
-    for mode, result in mauve_scores(nets, rows_of, texts_of, options).items():
+    for mode, result in mauve_scores(nets, rows_of, texts_of, options, progress, timing).items():
         summary_modes[mode]["metrics"]["mauve"] = dict(
             mean=result.pop("mauve"), std=None, ci=result.pop("ci")
         )
@@ -732,11 +781,16 @@ def evaluate(run_dir=None, progress=True, **options):
     out_dir = check_out_dir(setup, options.out_dir)
     length, model = setup["split"]["prompt_len"] + options.new_tokens, setup["model"]
     runfiles.check_context(engine.resolve_model_source(model, hf.PRESETS), model, length)
+    if progress:
+        print(f"reading the tokenizer and the data split of {setup['run_name']} ...", flush=True)
+    clock = time.time()
     tokenizer = hf.load_tokenizer(setup["model"])
     data = load_eval_data(tokenizer, setup, options)
+    data_s = round(time.time() - clock, 1)
     with run_lock(setup, out_dir):
         summary, records = run_evaluation(setup, data, modes, options, tokenizer, device, progress)
-        summary["timing_s"]["total_s"] = round(time.time() - started, 1)
+        total_s = round(time.time() - started, 1)
+        summary["timing_s"] = dict(data_s=data_s, **summary["timing_s"], total_s=total_s)
         write_evaluation(out_dir, summary, records)
     return summary
 
@@ -795,22 +849,23 @@ def run_evaluation(setup, data, modes, options, tokenizer, device, progress):
     """Load the models, measure sharpness, generate every mode, measure every continuation.
     Returns (summary without its total time, generation records)."""
     timing, clock = {}, time.time()
-    nets = load_nets(setup, device, options.dense)
+    if progress:  # loading a model prints nothing of its own for up to minutes
+        adapter = " and its adapter" if setup["adapter"] else ""
+        print(f"loading {setup['model']}{adapter} on {device} ...", flush=True)
+    nets = load_nets(setup, device, options.dense, tokenizer)
     timing["load_s"] = time.time() - clock
-    clock = time.time()
     if progress:
         print(f"sharpness on {len(data['sharpness'])} validation sequences ...", flush=True)
-    sharpness, matched = measure_sharpness(nets, data, modes)
-    timing["sharpness_s"] = time.time() - clock
+    sharpness, matched = measure_sharpness(nets, data, modes, progress, timing)
     continuations, own_scores, generation_timing = generate_modes(
         nets, data, modes, dataclasses.asdict(options), matched, progress
     )
     timing.update(generation_timing)
-    clock = time.time()
+    if progress:
+        print("scoring and measuring every continuation ...", flush=True)
     records, summary_modes = measure_modes(
-        nets, data, continuations, own_scores, tokenizer, options
+        nets, data, continuations, own_scores, tokenizer, options, progress, timing
     )
-    timing["metrics_s"] = time.time() - clock
     args = dict(
         dataclasses.asdict(options), modes=modes, device=str(device), dense=nets.net is None
     )

@@ -228,6 +228,8 @@ def train(run, stop):
             loss = train_step(run, run.train_ids[batch])
         except NumericalError as e:  # say what was kept and the way out
             raise NumericalError(runfiles.numerical_message(run, e)) from None
+        except torch.OutOfMemoryError:  # the peak, what was kept, the options that need less
+            raise UsageError(runfiles.memory_message(run)) from None
         run.step += 1
         run.loss_sum, run.loss_count = run.loss_sum + loss, run.loss_count + 1
         if run.is_main():  # every step's loss: the training curve's points (steps.jsonl)
@@ -440,8 +442,10 @@ def load_tokenizer(model):
     return tokenizer
 
 
-def load_model(model=Settings.model, quant="4bit", adapter=None, device=None, dtype="auto"):
-    """Load (net, tokenizer) for training or evaluation.
+def load_model(
+    model=Settings.model, quant="4bit", adapter=None, device=None, dtype="auto", tokenizer=None
+):
+    """Load (net, tokenizer) for training or evaluation (`tokenizer`: one already loaded).
 
     model: a preset name, a local Hugging Face folder or a hub id. quant: "4bit" (NF4, double
     quantization), "8bit" or "none". adapter: a LoRA adapter folder to attach (a peft PeftModel,
@@ -457,7 +461,7 @@ def load_model(model=Settings.model, quant="4bit", adapter=None, device=None, dt
     device = runfiles.pick_device(device)
     dtype = runfiles.compute_dtype(device, dtype)
     quantization = engine.quantization_config(quant, dtype)
-    tokenizer = load_tokenizer(model)
+    tokenizer = tokenizer or load_tokenizer(model)
     source = engine.resolve_model_source(model, PRESETS)
     try:
         net = AutoModelForCausalLM.from_pretrained(

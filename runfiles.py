@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -469,7 +470,7 @@ def is_main_process():
 def pick_device(device=None):
     """The torch.device to use: `device` ("cpu", "cuda", "cuda:N"), or the GPU if there is one."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         chosen = torch.device(device)
     except (RuntimeError, TypeError):
@@ -481,7 +482,26 @@ def pick_device(device=None):
         raise UsageError(
             f"--device {device}: no CUDA GPU is visible here ({build}); use --device cpu"
         )
+    note_one_gpu_of_several(chosen)
     return chosen
+
+
+NOTED = set()  # notes already printed by this process
+
+
+def note_one_gpu_of_several(device):
+    """A plain `python` process uses one GPU: on a machine with several, say once which one and how
+    to use them all (accelerate's launcher sets WORLD_SIZE for its processes)."""
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if count < 2 or int(os.environ.get("WORLD_SIZE", "1")) > 1 or "gpu" in NOTED:
+        return
+    NOTED.add("gpu")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    print(
+        f"using cuda:{index} of {count} GPUs; accelerate launch --multi_gpu uses all, "
+        "see docs/multi-gpu.md",
+        flush=True,
+    )
 
 
 def cpu_info():
@@ -519,10 +539,18 @@ def compute_dtype(device, dtype="auto"):
         if name is None:
             value = os.environ["HYPERFIT_DTYPE"]
             raise UsageError(f"HYPERFIT_DTYPE={value}: choose auto, float32, bfloat16 or float16")
+    # without emulation: an emulated bf16 (pre-Ampere GPUs, the T4) is slow and some kernels lack it
+    native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    if name == "bfloat16" and device.type == "cuda" and not native_bf16:
+        asked = f"--dtype {dtype}" if dtype not in (None, "auto") else "HYPERFIT_DTYPE=bfloat16"
+        raise UsageError(
+            f"{asked}: this GPU does not compute bfloat16 (it needs an Ampere GPU or newer); "
+            "use --dtype float16 (or auto, which picks it here)"
+        )
     if name != "auto":
         return DTYPES[name]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16 else torch.float16
     return torch.bfloat16 if {"avx512_bf16", "amx_bf16"} & set(cpu_flags()) else torch.float32
 
 
@@ -640,6 +668,26 @@ def numerical_message(run, error):
         f"{where}; nothing of that step was saved, the last checkpoint is kept: resume from "
         f"it with a lower learning rate: {resume_command(run)} --lr {run.settings.lr / 10:g}"
     )
+
+
+def memory_message(run):
+    """The one line of a training step that ran out of GPU memory: the peak reached, what was
+    kept, and the options that need less memory (none of them may change on --resume)."""
+    s, peak = run.settings, "n/a"
+    if torch.cuda.is_available():
+        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    where = f"out of GPU memory at step {run.step + 1} (peak {peak} allocated)"
+    micro = run.micro_batch_size
+    micro = f"a --micro-batch-size below {micro} (gradient accumulation: the same batch), "
+    less = (
+        f"start again with --overwrite and a lower --batch-size ({s.batch_size}), "
+        f"{micro if run.micro_batch_size > 1 else ''}--gradient-checkpointing, or a lower "
+        f"--seq-len ({s.seq_len})"
+    )
+    if latest_checkpoint(run.run_dir) is None:
+        return f"{where}; no checkpoint was saved before it: {less}"
+    kept = "the last checkpoint is kept: resume it once the GPU has more free memory with: "
+    return f"{where}; {kept}{resume_command(run)}; or, to need less memory, {less}"
 
 
 def describe_settings(settings, run_dir, changes):
@@ -890,7 +938,14 @@ def read_text_file(file):
         )
     try:
         raw = file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:  # Latin-1 / Windows-1252 books are common: give the fix
+        converted = file.with_name(f"{file.stem}.utf8{file.suffix}")
+        raise UsageError(
+            f"--data: {file} is not UTF-8 text (byte {e.start}: {e.reason}); convert it first, "
+            f"e.g. from Latin-1: iconv -f latin1 -t utf-8 {shlex.quote(str(file))} > "
+            f"{shlex.quote(str(converted))}, and pass that file"
+        ) from None
+    except OSError as e:
         raise UsageError(
             f"--data: cannot read {file} as UTF-8 text ({e.__class__.__name__})"
         ) from None

@@ -126,6 +126,9 @@ def test_entropy_matched_temperature_converges(tiny_net, monkeypatch):
     found = evaluate.entropy_matched_temperature(tiny_net, ids, target)
     assert found["temperature"] == pytest.approx(0.6, abs=0.01)
     assert found["achieved_entropy"] == pytest.approx(target, abs=0.01)
+    kept = []  # the logits of the sharpness pass: the search without its own first pass
+    engine.token_statistics(tiny_net, ids, evaluate.SCORE_BATCH_SIZE, keep=kept)
+    assert evaluate.entropy_matched_temperature(tiny_net, ids, target, cache=kept) == found
     monkeypatch.setattr(evaluate, "LOGIT_CACHE_BYTES", 0)  # the path that reruns the model
     again = evaluate.entropy_matched_temperature(tiny_net, ids, target)
     assert again["temperature"] == pytest.approx(found["temperature"])
@@ -466,6 +469,38 @@ def test_original_model_alone(tiny_model_dir, tiny_data, tmp_path):
         set(summary["sharpness"]) == {"original"} and summary["entropy_matched_temperature"] is None
     )
     assert (tmp_path / "eval" / "summary.json").exists()
+
+
+PHASES = (  # summary.json's timing_s: every phase of an evaluation of all modes
+    "data_s",
+    "load_s",
+    "sharpness_s",
+    "temperature_s",
+    "generate_original_s",
+    "generate_hyperfitted_s",
+    "scoring_s",
+    "measuring_s",
+    "mauve_features_s",
+    "mauve_s",
+)
+
+
+def test_every_phase_is_timed_and_shown(tiny_hyperfitted, tmp_path, capsys):
+    """A newcomer tells progress from a hang: each phase prints a line or shows a named bar, and
+    its seconds are in timing_s (each >= 0, together at most total_s); progress=False: silence."""
+    args = dict(num_prompts=4, new_tokens=8, batch_size=8, sharpness_seqs=2)
+    summary = evaluate.evaluate(tiny_hyperfitted, out_dir=tmp_path / "a", progress=True, **args)
+    shown = "".join(capsys.readouterr())
+    for name in ("loading", "sharpness: original", "entropy-matched temperature", "original:"):
+        assert name in shown, name
+    for name in ("scoring", "measuring", "MAUVE features", "MAUVE:"):
+        assert name in shown, name
+    timing = json.loads((tmp_path / "a" / "summary.json").read_text())["timing_s"]
+    assert timing == summary["timing_s"] and list(timing) == [*PHASES, "total_s"]
+    assert all(timing[k] >= 0 for k in timing)
+    assert sum(timing[k] for k in PHASES) <= timing["total_s"] + 0.05 * len(PHASES)
+    evaluate.evaluate(tiny_hyperfitted, out_dir=tmp_path / "b", progress=False, **args)
+    assert capsys.readouterr() == ("", "")
 
 
 # -----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -850,3 +851,79 @@ def test_a_named_pipe_as_data_is_one_line_not_a_hang(base_args, tmp_path, capsys
         signal.signal(signal.SIGALRM, previous)
     assert code == 2 and len(err) == 1 and "is not a regular file" in err[0]
     assert tree(tmp_path / "results") == []
+
+
+# ---------------------------------------------------------------- 10. errors that say what to do
+
+
+def test_a_latin1_data_file_names_the_conversion(base_args, tmp_path, capsys):
+    """A Latin-1 book (common for old e-texts) is refused with the iconv command that fixes it."""
+    book = tmp_path / "café.txt"
+    book.write_bytes(("Il était une fois, à Paris. " * 200).encode("latin-1"))
+    code, err = cli(replace(base_args, "--data", book), capsys)
+    assert code == 2 and len(err) == 1 and "is not UTF-8 text" in err[0]
+    converted = shlex.quote(str(tmp_path / "café.utf8.txt"))  # quoted: copied, it runs
+    assert f"iconv -f latin1 -t utf-8 {shlex.quote(str(book))} > {converted}" in err[0]
+    assert tree(tmp_path / "results") == []
+
+
+@pytest.mark.parametrize("failing_step", [0, 1])
+def test_out_of_gpu_memory_in_a_step_is_one_line_naming_the_options(
+    tiny_model_dir, tiny_data, tmp_path, capsys, monkeypatch, failing_step
+):
+    """torch.OutOfMemoryError in a step: exit 2, one line with the peak, the options that need
+    less memory and the resume command when a checkpoint was saved before it (kept)."""
+    step = hyperfit.train_step
+
+    def out_of_memory(run, batch):
+        if run.step == failing_step:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return step(run, batch)
+
+    monkeypatch.setattr(hyperfit, "train_step", out_of_memory)
+    settings = dict(TINY_COMMAND, epochs=1, save_every=1, eval_every=100)
+    args = command_line(model=tiny_model_dir, data=tiny_data, out_dir=tmp_path, **settings)
+    code, err = cli([*args, "--run-name", "oom"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert f"out of GPU memory at step {failing_step + 1} (peak n/a allocated)" in err[0]
+    for option in ("--batch-size", "--micro-batch-size", "--gradient-checkpointing", "--seq-len"):
+        assert option in err[0], option
+    kept = runfiles.latest_checkpoint(tmp_path / "oom")
+    assert (kept is not None) == (failing_step > 0)
+    assert ("--run-name oom" in err[0] and "--resume" in err[0]) == (kept is not None)
+    assert not (tmp_path / "oom" / "adapter").exists()
+
+
+def test_bfloat16_on_a_gpu_without_it_names_float16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    gpu = torch.device("cuda")
+    with pytest.raises(hyperfit.UsageError, match=r"--dtype bfloat16: .* use --dtype float16"):
+        runfiles.compute_dtype(gpu, "bfloat16")
+    monkeypatch.setenv("HYPERFIT_DTYPE", "bf16")
+    with pytest.raises(hyperfit.UsageError, match=r"HYPERFIT_DTYPE=bfloat16: .* --dtype float16"):
+        runfiles.compute_dtype(gpu, "auto")
+    monkeypatch.delenv("HYPERFIT_DTYPE")
+    assert runfiles.compute_dtype(gpu, "auto") == torch.float16  # auto picks what the GPU computes
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert runfiles.compute_dtype(gpu, "bfloat16") == torch.bfloat16
+
+
+def test_plain_python_on_several_gpus_says_once_which_gpu_it_uses(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(runfiles, "NOTED", set())
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert runfiles.pick_device() == torch.device("cuda")
+    assert capsys.readouterr().out == ""  # one GPU: nothing to say
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    runfiles.pick_device()
+    runfiles.pick_device("cuda")
+    assert capsys.readouterr().out == (
+        "using cuda:0 of 2 GPUs; accelerate launch --multi_gpu uses all, see docs/multi-gpu.md\n"
+    )
+    monkeypatch.setattr(runfiles, "NOTED", set())
+    monkeypatch.setenv("WORLD_SIZE", "2")  # accelerate launch --multi_gpu: every GPU is used
+    runfiles.pick_device()
+    assert capsys.readouterr().out == ""
