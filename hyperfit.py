@@ -313,7 +313,7 @@ def validate(net, tokenizer, val_ids, prompt_ids, gen_tokens, batch_size, dense=
     if not gen:  # the cheap points of the curves: no generation
         return dict(record, val_greedy_ttr=None), []
     started, n = time.time(), len(prompt_ids)
-    continuations = engine.generate(scorer, prompt_ids, gen_tokens, n, desc="  continuations")
+    continuations = engine.generate(scorer, prompt_ids, gen_tokens, n)  # the run's bar names it
     record["gen_s"] = round(time.time() - started, 2)
     ttr = [measures.type_token_ratio(c.tolist(), last=TTR_WINDOW) for c in continuations]
     decoded = zip(tokenizer.batch_decode(prompt_ids[:3]), tokenizer.batch_decode(continuations[:3]))

@@ -121,7 +121,7 @@ def test_load_texts_formats(tmp_path):
         ),
         (
             lambda p: (p / "bin.txt").write_bytes(b"\xff\xfe\x00bad") and p / "bin.txt",
-            "cannot read",
+            "is not UTF-8 text .* convert it first, e.g. from Latin-1: iconv -f latin1",
         ),
     ],
 )

@@ -225,7 +225,9 @@ def test_mauve_is_not_computed_below_its_minimum_sample_size():
     looping text, so no score is computed (and none reaches a table)."""
     rows = {evaluate.HUMAN: [[1, 2]] * 32, "original_greedy": [[3, 3]] * 32}
     texts = {mode: ["a b"] * 32 for mode in rows}
-    assert evaluate.mauve_scores(None, rows, texts, evaluate.Options()) == {}
+    timing = {}
+    assert evaluate.mauve_scores(None, rows, texts, evaluate.Options(), False, timing) == {}
+    assert timing == dict(mauve_features_s=0.0, mauve_s=0.0)
 
 
 def test_end_to_end_writes_every_output(evaluated, tiny_hyperfitted):
@@ -485,10 +487,11 @@ PHASES = (  # summary.json's timing_s: every phase of an evaluation of all modes
 )
 
 
-def test_every_phase_is_timed_and_shown(tiny_hyperfitted, tmp_path, capsys):
+def test_every_phase_is_timed_and_shown(tiny_hyperfitted, tmp_path, capsys, monkeypatch):
     """A newcomer tells progress from a hang: each phase prints a line or shows a named bar, and
     its seconds are in timing_s (each >= 0, together at most total_s); progress=False: silence."""
     args = dict(num_prompts=4, new_tokens=8, batch_size=8, sharpness_seqs=2)
+    monkeypatch.setattr(measures, "MAUVE_MIN_SAMPLES", 4)  # MAUVE's phases too, at 4 prompts
     summary = evaluate.evaluate(tiny_hyperfitted, out_dir=tmp_path / "a", progress=True, **args)
     shown = "".join(capsys.readouterr())
     for name in ("loading", "sharpness: original", "entropy-matched temperature", "original:"):

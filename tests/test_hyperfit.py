@@ -19,7 +19,7 @@ import runfiles
 
 def metrics_without_timings(run_dir):
     return [
-        {k: v for k, v in r.items() if k != "elapsed_s"}
+        {k: v for k, v in r.items() if k not in ("elapsed_s", "score_s", "gen_s")}  # seconds
         for r in runfiles.read_jsonl(run_dir / "metrics.jsonl")
     ]
 

@@ -163,4 +163,4 @@ print(len(read_metrics(run_dir)), sorted(summary["modes"]), len(figure.axes) > 0
         errors = [o for o in cell.outputs if o.get("output_type") == "error"]
         assert not errors, (cell.source[:80], errors)
     last = "".join(o.get("text", "") for o in done.cells[-1].outputs).strip().splitlines()[-1]
-    assert last == "2 ['hyperfitted_greedy', 'human', 'original_greedy'] True"
+    assert last == "2 ['human', 'hyperfitted_greedy', 'original_greedy'] True"
