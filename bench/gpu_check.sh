@@ -140,14 +140,15 @@ else  # a random-init model of the same shape (the tiny one in tiny mode), the p
     trap 'rm -rf "$(dirname "$folder")"' EXIT
     $PY - "$folder" "$TINY" << 'EOF'
 import sys
-sys.path.insert(0, ".")
+sys.path[:0] = [".", "tests"]  # the kit, and tests/tiny.py's random_model (moved from hyperfit)
 import hyperfit
+from tiny import random_model
 folder, tiny = sys.argv[1], sys.argv[2] == "1"
 text = "".join(text for _, text in hyperfit.load_texts("data/fiction"))
 # SmolLM2-135M's sizes; its vocabulary (49152) is what a BPE on all of data/ reaches (~56k)
 smollm2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3)
-hyperfit.random_model(folder, text[:40_000] if tiny else text, vocab_size=384 if tiny else 49152,
+random_model(folder, text[:40_000] if tiny else text, vocab_size=384 if tiny else 49152,
                       shape=None if tiny else smollm2, initializer_range=0.3 if tiny else 0.02)
 net, tokenizer = hyperfit.load_model(folder, "none", device="cpu")
 print(f"random-init {'tiny (2 layers, hidden 64)' if tiny else 'SmolLM2-135M-shaped'} model, "
