@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import importlib.util
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from types import SimpleNamespace
 
 import torch
 from accelerate import Accelerator
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 # the kit's folder: bench/.. when run as a file, the working directory when pasted in a notebook
@@ -59,7 +61,11 @@ CONFIGS = {  # quant, LoRA, gradient checkpointing, lean loss, what it is; full_
     "4bit_lora_plain_loss": ("4bit", True, False, False, "4-bit + LoRA, full-logits loss"),
     "8bit_lora": ("8bit", True, False, True, "8-bit + LoRA"),
     "none_lora": ("none", True, False, True, "unquantized + LoRA"),
+    # peers: the same QLoRA work as users would write it instead (gc: what their defaults say)
+    "trainer_qlora": ("4bit", True, False, False, "peer: transformers Trainer + peft, QLoRA"),
+    "sft_qlora": ("4bit", True, True, False, "peer: TRL SFTTrainer + peft, its defaults (gc)"),
 }
+PEERS = ("trainer_qlora", "sft_qlora")  # timed by time_peer: inside their trainers' own loops
 SIZE_KEYS = "hidden_size intermediate_size num_hidden_layers num_attention_heads"
 SIZE_KEYS = (SIZE_KEYS + " num_key_value_heads vocab_size").split()
 SHAPES = {  # the paper models' config.json sizes with random weights: nothing is downloaded
@@ -71,8 +77,8 @@ ROPE = dict(rope_type="llama3", rope_theta=5e5, factor=8.0, low_freq_factor=1.0)
 ROPE.update(high_freq_factor=4.0, original_max_position_embeddings=8192)
 SHAPES["llama3.1-8b"]["rope_parameters"] = ROPE  # transformers 5's LlamaConfig takes this dict
 # per shape, most wanted first (a time budget cuts the tail); 8B's fp32 full fine-tune: >130 GB
-SHAPE_CONFIGS = dict(tiny=("full_fp32", "4bit_lora", "4bit_lora_gc"))  # and TinyLlama's
-SHAPE_CONFIGS["llama3.1-8b"] = ("4bit_lora_gc", "4bit_lora", "4bit_lora_plain_loss")
+SHAPE_CONFIGS = dict(tiny=("full_fp32", "4bit_lora", "4bit_lora_gc", *PEERS))  # and TinyLlama's
+SHAPE_CONFIGS["llama3.1-8b"] = ("4bit_lora_gc", "4bit_lora", *PEERS, "4bit_lora_plain_loss")
 SHAPE_TOKENIZER = (2_000_000, 32_000)  # chars of data/fiction, BPE vocabulary (below every one)
 GOALS = dict(  # each phrased against the reference it comes from; the target is read from it
     qlora_memory="4-bit + LoRA + checkpointing peak memory <= 0.5x the paper's fp32 full fine-tune"
@@ -81,6 +87,9 @@ GOALS = dict(  # each phrased against the reference it comes from; the target is
     "equal precision ~1.5x: 4 vs 6 x params x tokens)",
     blocking="citation blocking <= 1.05x plain greedy (the largest batch measured)",
     metrics="evaluation metrics over the paper's 300 x 256 tokens <= 30 s",
+    peer_speed="kit default step >= 1.2x the tokens/s of the faster peer (transformers Trainer or "
+    "TRL SFTTrainer + peft, the same 4-bit + LoRA work)",
+    peer_memory="kit default peak memory <= 1.0x the lower peer's peak memory",
     peak_8b="8B-shape QLoRA step at 8 x 256 <= 8 GB peak (torchtune publishes 7.4 GiB for "
     "Llama-3.1-8B QLoRA on a 4090)",
 )
@@ -97,22 +106,20 @@ def release_freed_heap():
 def time_train(spec):
     """Load one config as hyperfit.py does (the reference: fp32 whatever --dtype says, as the
     paper's loop), peak memory from after loading, and time its steps on one fixed batch."""
+    if spec["config"] in PEERS:
+        return time_peer(spec)
     quant, lora, gc, lean, _ = CONFIGS[spec["config"]]
     device, ids = torch.device(spec["device"]), torch.load(spec["work"])["train_batch"]
     dtype = spec["dtype"] if lora else "float32"
     net, _ = hyperfit.load_model(spec["model"], quant, device=device, dtype=dtype)
+    torch.manual_seed(0)  # LoRA's A init as the peers' (their trainers seed 0 before theirs)
     net = hyperfit.add_lora(net, gradient_checkpointing=gc) if lora else net
     trainable = [p for p in net.train().parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LORA_LR if lora else PAPER_LR, weight_decay=0.0)
     compute, ids, times, losses = runfiles.net_dtype(net), ids.to(device), [], []
     scaler = torch.amp.GradScaler(device.type, enabled=compute == torch.float16)
-    accelerator, cuda = Accelerator(cpu=device.type == "cpu"), device.type == "cuda"
-    if cuda:  # after loading: the peak of the steps alone
-        torch.cuda.reset_peak_memory_stats(device)
-    else:  # the loader's freed heap back to the OS, then writing 5 to clear_refs resets VmHWM,
-        # the peak RSS, to the current RSS (Linux): the peak of the steps, as on a GPU
-        release_freed_heap()
-        Path("/proc/self/clear_refs").write_text("5")
+    accelerator = Accelerator(cpu=device.type == "cpu")
+    reset_peak(device)
     for _ in range(spec["warmup"] + spec["steps"]):  # warm-up: AdamW's state, caches
         start = time.perf_counter()
         # the kit's own step, exactly as hyperfit.py's loop calls it; without the lean loss it
@@ -127,11 +134,113 @@ def time_train(spec):
         )
         losses.append(hyperfit.train_step(step, ids))
         times.append(time.perf_counter() - start)
+    row = dict(quant=quant, lora=lora, gradient_checkpointing=gc, lean_loss=lean)
+    return dict(row, **step_row(spec, ids, trainable, compute, times, losses))
+
+
+class StepTimer:
+    """A transformers TrainerCallback (made one in time_peer, where transformers' Trainer is
+    imported): each optimizer step's seconds, from on_step_begin (the batch already fetched, as
+    the kit's step gets it) to on_step_end, and each step's loss from the trainer's log."""
+
+    def __init__(self, cuda):
+        self.cuda, self.times, self.losses = cuda, [], []
+
+    def sync(self):
+        if self.cuda:  # the GPU's queued kernels are part of the step
+            torch.cuda.synchronize()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.sync()
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.sync()
+        self.times.append(time.perf_counter() - self.start)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:  # logging_steps=1: this step's mean loss
+            self.losses.append(float(logs["loss"]))
+
+
+def peer_trainer(spec, net, tokenizer, ids, out_dir):
+    """A Trainer (trainer_qlora) or an SFTTrainer (sft_qlora) set up as a user would for the
+    kit's job: same batch, steps and lr, constant schedule, no warm-up, AdamW without weight
+    decay; everything else their defaults (SFTTrainer's: gradient checkpointing on, the LoRA
+    weights of a quantized model cast to bf16, entropy and accuracy logged every step)."""
+    dtype = spec["dtype"]
+    common = dict(output_dir=out_dir, per_device_train_batch_size=len(ids), learning_rate=LORA_LR)
+    common.update(max_steps=spec["warmup"] + spec["steps"], lr_scheduler_type="constant")
+    common.update(warmup_steps=0, weight_decay=0.0, logging_steps=1, save_strategy="no", seed=0)
+    common.update(report_to="none", disable_tqdm=True, use_cpu=spec["device"] == "cpu")
+    common.update(bf16=dtype == "bfloat16", fp16=dtype == "float16")  # the kit's precision
+    lora = dict(r=hyperfit.Settings.lora_r, lora_alpha=hyperfit.Settings.lora_alpha)
+    lora = LoraConfig(**lora, lora_dropout=0.0, target_modules=list(hyperfit.LORA_TARGETS))
+    lora.task_type = "CAUSAL_LM"
+    if spec["config"] == "trainer_qlora":
+        from transformers import Trainer, TrainingArguments, default_data_collator
+
+        torch.manual_seed(0)  # LoRA's A init, as the kit's row and SFTTrainer's seed=0
+        rows = [dict(input_ids=row, labels=row) for row in ids]  # the model shifts the labels
+        args = TrainingArguments(**common)
+        net = get_peft_model(net, lora)
+        return Trainer(net, args, train_dataset=rows, data_collator=default_data_collator)
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    datasets.disable_progress_bars()  # its map() bars: our own lines say what is happening
+    Dataset = datasets.Dataset
+
+    rows = Dataset.from_dict(dict(input_ids=ids.tolist()))  # tokenized: SFTTrainer keeps it
+    args = SFTConfig(**common, packing=False)
+    return SFTTrainer(net, args, train_dataset=rows, processing_class=tokenizer, peft_config=lora)
+
+
+def time_peer(spec):
+    """One peer row: the kit's model and batch trained by transformers' Trainer or TRL's
+    SFTTrainer, each step timed inside its own loop by a TrainerCallback; the row as the kit's."""
+    if spec["config"] == "sft_qlora" and importlib.util.find_spec("trl") is None:
+        return dict(skipped="trl is not installed: pip install -r bench/requirements.txt")
+    from transformers import PrinterCallback, TrainerCallback
+
+    device, ids = torch.device(spec["device"]), torch.load(spec["work"])["train_batch"]
+    net, tokenizer = hyperfit.load_model(spec["model"], "4bit", device=device, dtype=spec["dtype"])
+    callback = type("Timer", (StepTimer, TrainerCallback), {})(device.type == "cuda")
+    with tempfile.TemporaryDirectory(prefix="bench-peer-") as out_dir:
+        trainer = peer_trainer(spec, net, tokenizer, ids, out_dir)
+        trainer.add_callback(callback)
+        trainer.remove_callback(PrinterCallback)  # its per-step log lines: our row has them
+        reset_peak(device)
+        trainer.train()
+    net = trainer.model
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    row = dict(quant="4bit", lora=True, lean_loss=False, optimizer=trainer.args.optim)
+    row.update(gradient_checkpointing=bool(trainer.args.gradient_checkpointing))
+    row.update(max_grad_norm=trainer.args.max_grad_norm, adapter_dtype=str(trainable[0].dtype))
+    compute = runfiles.net_dtype(net)
+    return dict(row, **step_row(spec, ids, trainable, compute, callback.times, callback.losses))
+
+
+def reset_peak(device):
+    """Start the peak memory count here: after loading, the peak of the steps alone."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:  # the loader's freed heap back to the OS, then writing 5 to clear_refs resets VmHWM,
+        # the peak RSS, to the current RSS (Linux): the peak of the steps, as on a GPU
+        release_freed_heap()
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def step_row(spec, ids, trainable, compute, times, losses):
+    """The timing, memory and loss fields every training row shares (the kit's and the peers')."""
+    device = torch.device(spec["device"])
+    cuda = device.type == "cuda"
     vmhwm = re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text())  # KiB
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else int(vmhwm[1]) / 1024
     row = dict(compute_dtype=runfiles.dtype_name(compute), batch=len(ids), seq_len=ids.shape[1])
-    row.update(quant=quant, lora=lora, gradient_checkpointing=gc, lean_loss=lean)
-    row.update(last_loss=losses[-1], trainable_params=sum(p.numel() for p in trainable))
+    # the first loss is before any update (LoRA B starts at 0): equal for the same work
+    row.update(first_loss=losses[0], last_loss=losses[-1], losses=losses)
+    row.update(trainable_params=sum(p.numel() for p in trainable))
     times, seconds = times[spec["warmup"] :], statistics.median(times[spec["warmup"] :])
     row.update(warmup=spec["warmup"], steps=spec["steps"], s_per_step_all=times, peak_mem_mb=peak)
     row.update(s_per_step=seconds, tokens_per_s=ids.numel() / seconds)
@@ -261,6 +370,22 @@ def table(rows, keys):
     return lines + [""]
 
 
+def peer_ratios(kit, peers, model):
+    """The kit's default row against the peers that ran: each peer row gets the kit's speed-up
+    over it (tokens/s, >1: the kit is faster) and the kit's memory over its (<1: smaller); the
+    goals take the faster peer's speed and the lower peer's memory."""
+    peers = [r for r in peers if "tokens_per_s" in r]
+    if "tokens_per_s" not in kit or not peers:
+        return []
+    for r in peers:
+        r["kit_speed_vs_this"] = kit["tokens_per_s"] / r["tokens_per_s"]
+        r["kit_mem_vs_this"] = kit["peak_mem_mb"] / r["peak_mem_mb"]
+        r["loss_vs_kit"] = r["last_loss"] / kit["last_loss"]
+    speed = kit["tokens_per_s"] / max(r["tokens_per_s"] for r in peers)
+    memory = kit["peak_mem_mb"] / min(r["peak_mem_mb"] for r in peers)
+    return [("peer_speed", model, speed), ("peer_memory", model, memory)]
+
+
 def write_results(results, out_dir, started):
     """Ratios to the reference (full_fp32, same model and run: its s/step over the row's, above
     1 = faster; the row's peak over its, below 1 = smaller), goals, <machine>.json and .md."""
@@ -279,6 +404,7 @@ def write_results(results, out_dir, started):
             found.append(("step_speed", model, kit.get("speed_vs_reference")))
         gen = [r for r in results["generation"] if r["model"] == model and "batch" in r]
         found.append(("blocking", model, gen[-1]["blocking_overhead"] if gen else None))
+        found += peer_ratios(kit, [by_config[c] for c in PEERS if c in by_config], model)
         if model == "llama3.1-8b" and results["device_type"] == "cuda":
             found.append(("peak_8b", model, gc.get("peak_mem_mb", 0) * 2**20 / 1e9 or None))
     found += [("metrics", e.get("model"), e.get("metrics_s"))] if e else []
@@ -299,6 +425,11 @@ def write_results(results, out_dir, started):
     lines[-1] += "reset after loading. Ratios: to full_fp32 of this model and run (>1: faster)\n"
     keys = "model config compute_dtype s_per_step tokens_per_s peak_mem_mb speed_vs_reference"
     lines += table(rows, keys + " mem_vs_reference label")
+    peers = [r for r in rows if r["config"] in PEERS or r["config"] == "4bit_lora"]
+    lines += ["## Against the peers: the same 4-bit + LoRA work in transformers' Trainer and "]
+    lines[-1] += "TRL's SFTTrainer (kit_*_vs_this: the kit's default over the peer's)\n"
+    keys = "model config s_per_step tokens_per_s peak_mem_mb first_loss last_loss"
+    lines += table(peers, keys + " kit_speed_vs_this kit_mem_vs_this loss_vs_kit label")
     n = evaluate.Options.block_ngrams
     lines += [f"## Generation: greedy, and with citation blocking ({n}-grams)", ""]
     keys = "model generator compute_dtype batch new_tokens tokens_per_s blocked_tokens_per_s"

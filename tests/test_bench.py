@@ -6,6 +6,7 @@ init shape paths work, a time budget skips, bad input exits 2 with one line. CPU
 import importlib.metadata
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("bench", ROOT / "bench" / "bench.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
+HAVE_TRL = importlib.util.find_spec("trl") is not None  # the SFTTrainer peer's package
 
 
 def run(out_dir, *argv):
@@ -53,6 +55,9 @@ def test_quick_writes_every_section(quick):
     assert data["environment"]["versions"]["torch"] == importlib.metadata.version("torch")
     assert [r["config"] for r in data["train"]] == list(bench.CONFIGS)
     for r in data["train"]:
+        if r["config"] == "sft_qlora" and not HAVE_TRL:  # bench/requirements.txt adds it
+            assert r["skipped"].startswith("trl is not installed")
+            continue
         assert "error" not in r and "skipped" not in r, r
         assert r["batch"] == 8 and r["seq_len"] == bench.SIZES["quick"]["seq_len"]
         assert r["s_per_step"] > 0 and r["peak_mem_mb"] > 0 and r["last_loss"] > 0
@@ -100,7 +105,7 @@ def test_ratios_are_the_references_numbers_divided_out(quick):
 def test_goals_name_their_reference_and_a_tiny_model_meets_none(quick):
     data, markdown = quick
     goals = {g["goal"].split(" <=")[0].split(" >=")[0]: g for g in data["goals"]}
-    assert len(goals) == 4 and all(g["met"] is None for g in goals.values())
+    assert len(goals) == 6 and all(g["met"] is None for g in goals.values())
     rows = {r["config"]: r for r in data["train"]}
     assert goals["4-bit + LoRA + checkpointing peak memory"]["measured"] == pytest.approx(
         rows["4bit_lora_gc"]["mem_vs_reference"]
@@ -108,6 +113,53 @@ def test_goals_name_their_reference_and_a_tiny_model_meets_none(quick):
     assert goals["train step"]["measured"] == pytest.approx(rows["4bit_lora"]["speed_vs_reference"])
     assert goals["citation blocking"]["measured"] == data["generation"][-1]["blocking_overhead"]
     assert "the paper's fp32 full fine-tune (QLoRA, Dettmers et al. 2023" in markdown
+    peers = [rows[c] for c in bench.PEERS if "tokens_per_s" in rows[c]]
+    fastest = max(r["tokens_per_s"] for r in peers)
+    assert goals["kit default step"]["measured"] == pytest.approx(
+        rows["4bit_lora"]["tokens_per_s"] / fastest
+    )
+    lowest = min(r["peak_mem_mb"] for r in peers)
+    assert goals["kit default peak memory"]["measured"] == pytest.approx(
+        rows["4bit_lora"]["peak_mem_mb"] / lowest
+    )
+
+
+def test_the_peers_do_the_kits_work(quick):
+    """Trainer and SFTTrainer train the kit's model on the kit's batch with its seed: the first
+    loss (before any update; LoRA's B starts at 0) is the same forward pass, equal up to the
+    summation order; the last one differs only by what their defaults change in the update,
+    which AdamW's normalized step makes tiny: Trainer's gradient clipping scales the whole
+    gradient (Adam divides the scale out), SFTTrainer's bf16 LoRA weights round each update
+    (bf16 keeps ~3 digits of a weight; a step moves it ~1e-4). They differ by ~1e-6 relative
+    here; 1e-3 is well above that, and below what the steps move the loss by (~4e-3 over 3
+    steps, checked first): a peer that did not update would fail."""
+    data, markdown = quick
+    rows = {r["config"]: r for r in data["train"]}
+    kit = rows["4bit_lora"]
+    peers = [rows["trainer_qlora"]] + [rows["sft_qlora"]] * HAVE_TRL
+    assert kit["last_loss"] < kit["first_loss"] * (1 - 1e-3)  # the steps do move the loss
+    for r in peers:
+        assert all(map(math.isfinite, r["losses"])) and len(r["losses"]) == len(kit["losses"])
+        assert r["first_loss"] == pytest.approx(kit["first_loss"], rel=1e-5)
+        assert r["last_loss"] == pytest.approx(kit["last_loss"], rel=1e-3)
+        assert r["trainable_params"] == kit["trainable_params"]  # the same LoRA modules
+        assert r["kit_speed_vs_this"] == pytest.approx(kit["tokens_per_s"] / r["tokens_per_s"])
+        assert f"| tiny-random | {r['config']} |" in markdown.split("## Against the peers")[1]
+    trainer = rows["trainer_qlora"]
+    assert not trainer["gradient_checkpointing"] and trainer["adapter_dtype"] == "torch.float32"
+    if HAVE_TRL:  # SFTTrainer's own defaults, recorded in its row
+        assert rows["sft_qlora"]["gradient_checkpointing"]
+
+
+def test_without_trl_the_sft_row_skips_and_says_so(tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "trl" else find_spec(n, *a)
+    )
+    data, markdown = run(tmp_path, "--quick", "--only", "sft_qlora")
+    (r,) = data["train"]
+    assert r["skipped"] == "trl is not installed: pip install -r bench/requirements.txt"
+    assert "trl is not installed" in markdown
 
 
 def test_a_forced_dtype_is_honoured(tmp_path, monkeypatch):
@@ -136,13 +188,15 @@ def test_one_process_per_measurement(tmp_path):
 def test_random_init_shape_path(tmp_path):
     """--shapes builds a model of an exact shape (here the 2-layer stand-in) with a BPE tokenizer
     and loads it through load_model, as the TinyLlama and Llama-8B shapes do on a GPU."""
-    data, _ = run(tmp_path, "--quick", "--shapes", "tiny", "--only", "full_fp32", "4bit_lora")
+    only = ("full_fp32", "4bit_lora", "trainer_qlora")  # a peer: the same shape path
+    data, _ = run(tmp_path, "--quick", "--shapes", "tiny", "--only", *only)
     assert data["machine"].endswith("-shapes-quick")
     (model,) = data["models"]
     assert model["name"] == "tiny" and model["shape"]["hidden_size"] == 64
     assert model["params"] > 0 and model["shape"]["vocab_size"] == 512
-    ref, kit = data["train"]
+    ref, kit, peer = data["train"]
     assert kit["speed_vs_reference"] == pytest.approx(ref["s_per_step"] / kit["s_per_step"])
+    assert peer["first_loss"] == pytest.approx(kit["first_loss"], rel=1e-5)
 
 
 def test_a_time_budget_skips_and_says_so(tmp_path):
