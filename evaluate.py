@@ -809,6 +809,7 @@ def check_out_dir(setup, out_dir):
     )
     out_dir = Path(os.path.abspath(Path(out_dir).expanduser() if out_dir else default))
     out_dir = out_dir.parent.resolve() / out_dir.name  # the folder itself: a link stays a link
+    runfiles.recover_eval_folder(out_dir)  # a kill's .eval.old is the last whole one
     inside = run is not None and out_dir.is_relative_to(Path(run).resolve())
     for folder in [out_dir, *out_dir.parents]:
         if (folder / "config.json").exists() and runfiles.is_run_folder(folder):

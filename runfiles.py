@@ -139,6 +139,29 @@ def foreign_entry(folder, owned):
     return None
 
 
+def recover_folder(folder, owned, needed=()):
+    """Put back `.<folder>.old` when a kill between write_folder's two renames left it and no
+    `folder`: it is the last whole folder written (the new one never took its place), so without
+    this plot.py shows the run as unevaluated and the next write_folder deletes it. Only an old
+    folder that is a real folder holding nothing but `owned` files (no temporary file) and at
+    least one of `needed` (default: any file) is put back; returns whether it was."""
+    folder = Path(folder)
+    old = folder.with_name(f".{folder.name}.old")
+    if folder.exists() or folder.is_symlink() or old.is_symlink() or not old.is_dir():
+        return False
+    names = {entry.name for entry in old.iterdir()}
+    complete = names and (not needed or set(needed) & names)
+    if not complete or foreign_entry(old, owned) or any(n.startswith(".") for n in names):
+        return False
+    old.rename(folder)
+    return True
+
+
+def recover_eval_folder(folder):
+    """recover_folder for an evaluation's folder (whole when it has its summary)."""
+    return recover_folder(folder, EVAL_FILES, ("summary.json", "images.json"))
+
+
 def write_folder(folder, files, failure, owned=None):
     """Write `files` ({name: text}) as the whole of `folder`: into a new folder beside it that
     then takes its place, so a reader (or a kill, or a full disk) sees the old folder or the new
@@ -147,7 +170,9 @@ def write_folder(folder, files, failure, owned=None):
     touched. An OSError while writing is a UsageError: "could not write <folder> (<why>);
     <failure>", the old folder untouched."""
     folder = Path(folder)
-    if why := foreign_entry(folder, set(files) if owned is None else owned):
+    owned = set(files) if owned is None else owned
+    recover_folder(folder, owned)  # else a kill's last whole folder would be deleted below
+    if why := foreign_entry(folder, owned):
         raise UsageError(
             f"{folder} {why}: it would be replaced whole; move that away or write elsewhere"
         )

@@ -239,6 +239,7 @@ def study_run(run_dir, training, evaluation, progress):
             progress=progress,
             **training,
         )
+    runfiles.recover_eval_folder(run_dir / "eval")  # a kill while evaluating left it aside
     if not (run_dir / "eval" / "summary.json").exists():
         ev.evaluate(run_dir, progress=progress, **evaluation)
     return study_row(run_dir, evaluation.get("device"))

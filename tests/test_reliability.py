@@ -927,3 +927,30 @@ def test_plain_python_on_several_gpus_says_once_which_gpu_it_uses(monkeypatch, c
     monkeypatch.setenv("WORLD_SIZE", "2")  # accelerate launch --multi_gpu: every GPU is used
     runfiles.pick_device()
     assert capsys.readouterr().out == ""
+
+
+def test_a_kill_between_write_folder_s_renames_puts_the_old_folder_back(tmp_path):
+    """A kill after eval/ became .eval.old and before the new one took its place: the last whole
+    evaluation is put back by the next reader (plot.py) or writer, never deleted; an .old that
+    is not a whole evaluation (a user's file, no summary) stays where it is."""
+    import plot
+
+    run = tmp_path / "r"
+    old = run / ".eval.old"
+    old.mkdir(parents=True)
+    (old / "summary.json").write_text('{"modes": {}}')
+    (old / "generations.jsonl").write_text("")
+    plot._recover_eval(run)
+    assert tree(run) == ["eval", "eval/generations.jsonl", "eval/summary.json"]
+    (run / "eval").rename(old)
+    assert runfiles.recover_eval_folder(run / "eval") and not old.exists()
+    (run / "eval").rename(old)
+    runfiles.write_folder(run / "eval", {"summary.json": "{}"}, "", owned=runfiles.EVAL_FILES)
+    assert tree(run) == ["eval", "eval/summary.json"]  # put back, then replaced whole as asked
+    runfiles.shutil.rmtree(run / "eval")
+    old.mkdir()
+    (old / "thesis.txt").write_text("a user's")
+    (old / "summary.json").write_text("{}")
+    assert not runfiles.recover_eval_folder(run / "eval")
+    plot._recover_eval(run)
+    assert not (run / "eval").exists() and plot._EVAL_FILES == runfiles.EVAL_FILES
