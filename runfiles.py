@@ -671,7 +671,7 @@ def write_config(run, changes, previous):
     config.update(
         trainable_parameters=trainable, compute_dtype=dtype_name(net_dtype(run.unwrapped))
     )
-    config.update(device=str(run.accelerator.device), train_fingerprint=fingerprint(run.train_ids))
+    config.update(device=str(run.accelerator.device), **run.fingerprints)
     config.update(**environment(), resumed=resumed)
     write_atomic(run.run_dir / "config.json", json.dumps(config, indent=2) + "\n")
 
@@ -1033,3 +1033,76 @@ def fingerprint(ids):
     """A short hash of a token tensor, so a resume or an evaluation can check it rebuilt the same
     training set."""
     return hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+# what a model folder holds its weights in (and the index naming a sharded checkpoint's files)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json")
+
+
+def model_fingerprint(source):
+    """A short hash of the base model's weight files, so a resume notices weights replaced at the
+    same --model path (a local folder, the bundled model's cache folder, a hub id's cached
+    snapshot). Over each file's name and size and the sha256 of its first and last MiB, not its
+    whole bytes: hashing gigabytes at every start would take minutes, and a replaced checkpoint
+    differs in its size or its ends (safetensors' header lists every tensor's offsets). None when
+    there is no folder to read (a hub id not cached yet)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        try:  # a hub id: its cached snapshot, never the network
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(source), local_files_only=True))
+        except Exception:  # not downloaded yet, or no such repository in the cache
+            return None
+    digest, mib = hashlib.sha256(), 1 << 20
+    for path in sorted(p for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)):
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(mib)
+            f.seek(max(size - mib, 0))
+            tail = f.read(mib)
+        digest.update(f"{path.name}\0{size}\0".encode())
+        digest.update(hashlib.sha256(head).digest() + hashlib.sha256(tail).digest())
+    return digest.hexdigest()[:16]
+
+
+def check_data_fingerprints(run, previous):
+    """The fingerprints of `run`'s training and validation splits (the prompts are the first
+    validation sequences' starts), for config.json. With `previous` (a resumed run's config), a
+    split that differs from the one the run used is a UsageError: a resume would train on a mix,
+    or write metrics.jsonl over two validation sets. A config written before val_fingerprint
+    existed is not checked for it."""
+    found = dict(train_fingerprint=fingerprint(run.train_ids))
+    found.update(val_fingerprint=fingerprint(run.val_ids))
+    s, run_dir = run.settings, run.run_dir
+    if previous is not None and found["train_fingerprint"] != previous.get("train_fingerprint"):
+        raise UsageError(
+            f"--resume: the training data rebuilt from {s.data} is not what {run_dir} "
+            "trained on (config.json's train_fingerprint): restore that data, or start "
+            "a new run with another --run-name"
+        )
+    if previous is not None and previous.get("val_fingerprint") not in (
+        None,
+        found["val_fingerprint"],
+    ):
+        raise UsageError(
+            f"--resume: the validation text rebuilt from {s.data} is not what {run_dir} "
+            "validated on (config.json's val_fingerprint), so metrics.jsonl would mix two "
+            "validation sets: restore that data, or start a new run with another --run-name"
+        )
+    return found
+
+
+def check_model_fingerprint(run, source, previous):
+    """Add the base model's fingerprint (model_fingerprint) to run.fingerprints, after the model
+    loaded (a hub id is cached only then). With `previous`, weights that differ from those the run
+    trained on are a UsageError: the adapter would go on training over another model."""
+    found = model_fingerprint(source)
+    recorded = previous.get("model_fingerprint") if previous is not None else None
+    if recorded is not None and found is not None and found != recorded:
+        raise UsageError(
+            f"--resume: the weights of {run.settings.model} are not those {run.run_dir} trained "
+            "on (config.json's model_fingerprint): restore that model, or start a new run with "
+            "another --run-name"
+        )
+    run.fingerprints = dict(run.fingerprints or {}, model_fingerprint=found)

@@ -514,6 +514,43 @@ def test_resume_on_changed_data_is_refused(finished_run, tiny_model_dir, tmp_pat
     assert tree(run) == before
 
 
+def test_resume_on_changed_validation_text_is_refused(finished_run, tmp_path, capsys):
+    """The training split is the same but the validation split is not (the text of its blocks
+    changed): resuming would write metrics.jsonl over two validation sets. Simulated by
+    recording another validation split's fingerprint, as the run would have before the edit."""
+    run = copy_run(finished_run, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    assert config["val_fingerprint"] and config["model_fingerprint"]
+    config["val_fingerprint"] = runfiles.fingerprint(torch.zeros(8, 64, dtype=torch.long))
+    (run / "config.json").write_text(json.dumps(config))
+    before = tree(run)
+    args = ["--run-name", "r", "--out-dir", run.parent, "--resume", "--epochs", "2"]
+    code, err = cli(args, capsys)
+    assert code == 2 and len(err) == 1 and "val_fingerprint" in err[0] and "mix" in err[0]
+    assert tree(run) == before
+
+
+def test_resume_on_replaced_base_model_weights_is_refused(
+    tiny_model_dir, tiny_data, tmp_path, capsys
+):
+    """model.safetensors at the same --model path was replaced by other weights after the run
+    started: resuming would train the adapter on over another model."""
+    from transformers import AutoModelForCausalLM
+
+    model = tmp_path / "model"
+    runfiles.shutil.copytree(tiny_model_dir, model)
+    run = tiny_run(str(model), tiny_data, tmp_path / "results", "r", epochs=1)
+    net = AutoModelForCausalLM.from_pretrained(model)
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)
+    net.save_pretrained(model)
+    before = tree(run)
+    args = ["--run-name", "r", "--out-dir", run.parent, "--resume", "--epochs", "2"]
+    code, err = cli(args, capsys)
+    assert code == 2 and len(err) == 1 and "model_fingerprint" in err[0], err
+    assert tree(run) == before
+
+
 def test_resume_with_the_run_s_own_values_is_no_change(finished_run, tmp_path, capsys):
     """--resume --seq-len <the run's own> is accepted; another value names the run's own one (no
     message about the preset's --prompt-len, which the run does not use)."""
