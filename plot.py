@@ -606,8 +606,8 @@ def training_row(records, paper):
     first, last = records[0], records[-1]
     ours = (
         f"train loss {fmt(last['train_loss'])} (mean since the previous validation); val loss "
-        f"{fmt(first['val_loss'])} → {fmt(last['val_loss'])}; TTR {fmt(first.get('val_greedy_ttr'))} → "
-        f"{fmt(last.get('val_greedy_ttr'))}"
+        f"{fmt(first['val_loss'])} → {fmt(last['val_loss'])}; TTR "
+        f"{fmt(first.get('val_greedy_ttr'))} → {fmt(last.get('val_greedy_ttr'))}"
     )
     # "near zero": below a quarter of the original model's loss on the same kind of text
     fitted = last["train_loss"] is not None and last["train_loss"] < 0.25 * first["val_loss"]
