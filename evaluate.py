@@ -701,6 +701,29 @@ def continuation_features(nets, rows, batch_size=SCORE_BATCH_SIZE):
     return features
 
 
+def check_mauve_featurizer(options, human):
+    """Load the hub featurizer that mauve_scores will use (options.mauve_features) now, when MAUVE
+    will be computed over `human` (the human continuations): offline or without that model, it
+    failed with tracebacks after every continuation was generated. A failure is a UsageError.
+    With HF_HUB_OFFLINE set, only the hub cache is read (no network retries)."""
+    enough = sum(1 for ids in human if ids) >= measures.MAUVE_MIN_SAMPLES
+    if options.mauve_features == "original" or not enough:
+        return
+    from transformers import AutoModel, AutoTokenizer
+
+    name, offline = options.mauve_features, os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    runfiles.quiet_libraries()
+    try:  # what mauve's get_model loads; the files stay in the cache for it
+        AutoTokenizer.from_pretrained(name, local_files_only=offline)
+        AutoModel.from_pretrained(name, local_files_only=offline)  # dropped: mauve loads its own
+    except Exception as e:  # offline, not cached, no such model on the hub
+        why = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UsageError(
+            f"cannot load {name} for MAUVE's features ({why}); use --mauve-features original, "
+            "or connect to the hub"
+        ) from None
+
+
 def mauve_scores(nets, rows_of, texts_of, options, progress, timing):
     """MAUVE of every mode against the human continuations (measures.mauve_score), over the
     prompts whose human continuation is there; the features as options.mauve_features says.
@@ -786,6 +809,7 @@ def evaluate(run_dir=None, progress=True, **options):
     clock = time.time()
     tokenizer = hf.load_tokenizer(setup["model"])
     data = load_eval_data(tokenizer, setup, options)
+    check_mauve_featurizer(options, data["human"])  # before the generation it would come after
     data_s = round(time.time() - clock, 1)
     with run_lock(setup, out_dir):
         summary, records = run_evaluation(setup, data, modes, options, tokenizer, device, progress)
@@ -809,6 +833,7 @@ def check_out_dir(setup, out_dir):
     )
     out_dir = Path(os.path.abspath(Path(out_dir).expanduser() if out_dir else default))
     out_dir = out_dir.parent.resolve() / out_dir.name  # the folder itself: a link stays a link
+    runfiles.recover_eval_folder(out_dir)  # a kill's .eval.old is the last whole one
     inside = run is not None and out_dir.is_relative_to(Path(run).resolve())
     for folder in [out_dir, *out_dir.parents]:
         if (folder / "config.json").exists() and runfiles.is_run_folder(folder):

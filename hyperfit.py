@@ -338,6 +338,7 @@ class Run:
     val_ids: torch.Tensor = None
     prompt_ids: torch.Tensor = None
     micro_batch_size: int = None
+    fingerprints: dict = None  # of the data and the base model: config.json's, checked on resume
     steps_per_epoch: int = None
     total_steps: int = None
     step: int = 0
@@ -364,17 +365,13 @@ def prepare_run(settings, run_dir, texts, resume, previous):
     splits = make_splits(run.tokenizer, texts, s.seq_len, s.num_train, s.num_val, s.seed)
     run.train_ids, run.val_ids = splits["train"], splits["val"]
     run.prompt_ids = run.val_ids[: s.num_prompts, : s.prompt_len]
-    if resume and runfiles.fingerprint(run.train_ids) != previous.get("train_fingerprint"):
-        raise UsageError(
-            f"--resume: the training data rebuilt from {s.data} is not what {run_dir} "
-            "trained on (config.json's train_fingerprint): restore that data, or start "
-            "a new run with another --run-name"
-        )
-    lengths = (s.seq_len, s.prompt_len + s.gen_tokens)
-    runfiles.check_context(engine.resolve_model_source(s.model, PRESETS), s.model, *lengths)
+    run.fingerprints = runfiles.check_data_fingerprints(run, previous)  # previous: on resume
+    source = engine.resolve_model_source(s.model, PRESETS)
+    runfiles.check_context(source, s.model, s.seq_len, s.prompt_len + s.gen_tokens)
     torch.manual_seed(s.seed)
     random.seed(s.seed)
     net, _ = load_model(s.model, s.quant, device=run.accelerator.device, dtype=s.dtype)
+    runfiles.check_model_fingerprint(run, source, previous)
     torch.manual_seed(s.seed)  # the LoRA initialisation
     run.net = add_lora(net, s.lora_r, s.lora_alpha, s.lora_layers, s.gradient_checkpointing)
     trainable = [p for p in run.net.parameters() if p.requires_grad]

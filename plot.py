@@ -1087,11 +1087,36 @@ def current_human_study(run):
     return key if key.get("evaluation") == digest and isinstance(key.get("page_id"), str) else None
 
 
+# the names runfiles.EVAL_FILES lists (a test keeps the two equal): only these may be put back
+_EVAL_FILES = {"summary.json", "generations.jsonl", "images.json", "table.md"}
+_EVAL_FILES |= {"paper_comparison.md", "repetition.html"}
+_EVAL_FILES |= {
+    f"{name}.{ext}"
+    for name in ("decoding_comparison", "ttr_by_position", "quality", "completions")
+    for ext in ("png", "svg")
+}
+
+
+def _recover_eval(run):
+    """Put back eval/ from .eval.old, which a kill between the two renames of evaluate.py's
+    runfiles.write_folder leaves (else the run would look unevaluated, and the next evaluation
+    would delete it): only a folder of the kit's plain files holding the evaluation's summary
+    (runfiles.recover_folder's rule; plot.py imports no other file of the kit)."""
+    eval_dir, old = run / "eval", run / ".eval.old"
+    if eval_dir.exists() or eval_dir.is_symlink() or old.is_symlink() or not old.is_dir():
+        return
+    entries = list(old.iterdir())
+    plain = all(e.is_file() and not e.is_symlink() and e.name in _EVAL_FILES for e in entries)
+    if plain and {"summary.json", "images.json"} & {e.name for e in entries}:
+        old.rename(eval_dir)
+
+
 def _problem(run):
     """Why `run` can't be plotted (one sentence), or None. Reads every input plot_run reads."""
     run = Path(run)
     if not run.is_dir():
         return f"{run} is not a folder — pass a run folder (results/<run>) written by hyperfit.py"
+    _recover_eval(run)
     if (run / "study.json").exists():
         return (
             f"{run} is a study: python experiments/studies.py <study> draws it (and reruns "

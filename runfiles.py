@@ -139,6 +139,29 @@ def foreign_entry(folder, owned):
     return None
 
 
+def recover_folder(folder, owned, needed=()):
+    """Put back `.<folder>.old` when a kill between write_folder's two renames left it and no
+    `folder`: it is the last whole folder written (the new one never took its place), so without
+    this plot.py shows the run as unevaluated and the next write_folder deletes it. Only an old
+    folder that is a real folder holding nothing but `owned` files (no temporary file) and at
+    least one of `needed` (default: any file) is put back; returns whether it was."""
+    folder = Path(folder)
+    old = folder.with_name(f".{folder.name}.old")
+    if folder.exists() or folder.is_symlink() or old.is_symlink() or not old.is_dir():
+        return False
+    names = {entry.name for entry in old.iterdir()}
+    complete = names and (not needed or set(needed) & names)
+    if not complete or foreign_entry(old, owned) or any(n.startswith(".") for n in names):
+        return False
+    old.rename(folder)
+    return True
+
+
+def recover_eval_folder(folder):
+    """recover_folder for an evaluation's folder (whole when it has its summary)."""
+    return recover_folder(folder, EVAL_FILES, ("summary.json", "images.json"))
+
+
 def write_folder(folder, files, failure, owned=None):
     """Write `files` ({name: text}) as the whole of `folder`: into a new folder beside it that
     then takes its place, so a reader (or a kill, or a full disk) sees the old folder or the new
@@ -147,7 +170,9 @@ def write_folder(folder, files, failure, owned=None):
     touched. An OSError while writing is a UsageError: "could not write <folder> (<why>);
     <failure>", the old folder untouched."""
     folder = Path(folder)
-    if why := foreign_entry(folder, set(files) if owned is None else owned):
+    owned = set(files) if owned is None else owned
+    recover_folder(folder, owned)  # else a kill's last whole folder would be deleted below
+    if why := foreign_entry(folder, owned):
         raise UsageError(
             f"{folder} {why}: it would be replaced whole; move that away or write elsewhere"
         )
@@ -646,7 +671,7 @@ def write_config(run, changes, previous):
     config.update(
         trainable_parameters=trainable, compute_dtype=dtype_name(net_dtype(run.unwrapped))
     )
-    config.update(device=str(run.accelerator.device), train_fingerprint=fingerprint(run.train_ids))
+    config.update(device=str(run.accelerator.device), **run.fingerprints)
     config.update(**environment(), resumed=resumed)
     write_atomic(run.run_dir / "config.json", json.dumps(config, indent=2) + "\n")
 
@@ -1008,3 +1033,76 @@ def fingerprint(ids):
     """A short hash of a token tensor, so a resume or an evaluation can check it rebuilt the same
     training set."""
     return hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+# what a model folder holds its weights in (and the index naming a sharded checkpoint's files)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".safetensors.index.json")
+
+
+def model_fingerprint(source):
+    """A short hash of the base model's weight files, so a resume notices weights replaced at the
+    same --model path (a local folder, the bundled model's cache folder, a hub id's cached
+    snapshot). Over each file's name and size and the sha256 of its first and last MiB, not its
+    whole bytes: hashing gigabytes at every start would take minutes, and a replaced checkpoint
+    differs in its size or its ends (safetensors' header lists every tensor's offsets). None when
+    there is no folder to read (a hub id not cached yet)."""
+    folder = Path(source)
+    if not folder.is_dir():
+        try:  # a hub id: its cached snapshot, never the network
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(str(source), local_files_only=True))
+        except Exception:  # not downloaded yet, or no such repository in the cache
+            return None
+    digest, mib = hashlib.sha256(), 1 << 20
+    for path in sorted(p for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)):
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(mib)
+            f.seek(max(size - mib, 0))
+            tail = f.read(mib)
+        digest.update(f"{path.name}\0{size}\0".encode())
+        digest.update(hashlib.sha256(head).digest() + hashlib.sha256(tail).digest())
+    return digest.hexdigest()[:16]
+
+
+def check_data_fingerprints(run, previous):
+    """The fingerprints of `run`'s training and validation splits (the prompts are the first
+    validation sequences' starts), for config.json. With `previous` (a resumed run's config), a
+    split that differs from the one the run used is a UsageError: a resume would train on a mix,
+    or write metrics.jsonl over two validation sets. A config written before val_fingerprint
+    existed is not checked for it."""
+    found = dict(train_fingerprint=fingerprint(run.train_ids))
+    found.update(val_fingerprint=fingerprint(run.val_ids))
+    s, run_dir = run.settings, run.run_dir
+    if previous is not None and found["train_fingerprint"] != previous.get("train_fingerprint"):
+        raise UsageError(
+            f"--resume: the training data rebuilt from {s.data} is not what {run_dir} "
+            "trained on (config.json's train_fingerprint): restore that data, or start "
+            "a new run with another --run-name"
+        )
+    if previous is not None and previous.get("val_fingerprint") not in (
+        None,
+        found["val_fingerprint"],
+    ):
+        raise UsageError(
+            f"--resume: the validation text rebuilt from {s.data} is not what {run_dir} "
+            "validated on (config.json's val_fingerprint), so metrics.jsonl would mix two "
+            "validation sets: restore that data, or start a new run with another --run-name"
+        )
+    return found
+
+
+def check_model_fingerprint(run, source, previous):
+    """Add the base model's fingerprint (model_fingerprint) to run.fingerprints, after the model
+    loaded (a hub id is cached only then). With `previous`, weights that differ from those the run
+    trained on are a UsageError: the adapter would go on training over another model."""
+    found = model_fingerprint(source)
+    recorded = previous.get("model_fingerprint") if previous is not None else None
+    if recorded is not None and found is not None and found != recorded:
+        raise UsageError(
+            f"--resume: the weights of {run.settings.model} are not those {run.run_dir} trained "
+            "on (config.json's model_fingerprint): restore that model, or start a new run with "
+            "another --run-name"
+        )
+    run.fingerprints = dict(run.fingerprints or {}, model_fingerprint=found)

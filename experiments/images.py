@@ -131,7 +131,7 @@ RUN_OPTIONS = ("run_name", "out_dir", "epochs", "lr", "num_train", "num_val", "s
 
 
 def images(
-    model=DIGITS,
+    model=None,
     data=None,
     *,
     resume=False,
@@ -140,25 +140,44 @@ def images(
     progress=True,
     **settings,
 ):
-    """Prepare `model` (a preset, an ImageGPT folder or hub id) once, hyperfit it on its images
-    with hf.hyperfit, then evaluate completions of held-out images (evaluate_images).
-    data: a folder of images, hf:<dataset>, or a .jsonl of token lines (default: the preset's).
+    """Prepare `model` (a preset, an ImageGPT folder or hub id; default DIGITS, and with resume
+    the run's own) once, hyperfit it on its images with hf.hyperfit, then evaluate completions of
+    held-out images (evaluate_images). data: a folder of images, hf:<dataset>, or a .jsonl of
+    token lines (default: the preset's, and with resume the run's own).
     settings: any of hf.Settings (the command line passes RUN_OPTIONS); the preset's
     values and the image shape's seq_len, prompt_len and gen_tokens fill the rest. Returns the
     run folder. Raises UsageError on bad input, before any preparation where it can tell."""
-    preset = preset_of(model)
     given = {k: v for k, v in settings.items() if v is not None}
-    given["run_name"] = given.get("run_name") or runfiles.default_run_name(model, hf.PRESETS)
-    check_request(model, {**preset["run"], **given}, resume, overwrite)
+    name = given.get("run_name") or runfiles.default_run_name(model or DIGITS, hf.PRESETS)
+    given["run_name"] = name
+    if resume:
+        model, data = own_sources(model, data, given)
+    model = model or DIGITS
+    preset = preset_of(model)
+    own = {} if resume else preset["run"]  # a resumed run keeps its own settings (hf.hyperfit)
+    check_request(model, {**own, **given}, resume, overwrite)
     folder = prepare_model(model, progress)
     shape = image_shape(folder)
     data_file = prepare_data(folder, data or preset["data"], shape, progress)  # None: its own
-    run = {**shape_settings(shape), **preset["run"], **given}
+    run = {**({} if resume else shape_settings(shape)), **own, **given}
     run_dir = hf.hyperfit(
         folder, data=data_file, resume=resume, overwrite=overwrite, progress=progress, **run
     )
     evaluate_images(run_dir, num_images, progress=progress)
     return run_dir
+
+
+def own_sources(model, data, given):
+    """With --resume: the run's own model and data (its config.json's: the prepared folder and
+    its token lines) where not given. The defaults would be another run's (the digits, blamed on
+    options never given) or a download (a preset's CIFAR-10)."""
+    config = hf.run_folder_of(given) / "config.json"
+    if not config.is_file():
+        return model, data  # check_request says what is wrong with the folder
+    args = runfiles.read_json(config, "the run is damaged: --overwrite it").get("args")
+    args = args if isinstance(args, dict) else {}
+    model = model or (args.get("model") and runfiles.absolute_path(args["model"]))
+    return model, data or (args.get("data") and runfiles.absolute_path(args["data"]))
 
 
 def preset_of(model):
@@ -179,6 +198,12 @@ def check_request(model, given, resume, overwrite):
     if model not in IMAGE_PRESETS and not os.path.isdir(str(model)) and path_like:  # nor a hub id
         raise UsageError(
             f"--model {model}: no such preset or folder; presets: {', '.join(IMAGE_PRESETS)}"
+        )
+    own = dict(vars(hf.defaults_for(str(model))), **given)
+    if own["num_prompts"] > own["num_val"]:  # hf's message names --num-prompts: not ours
+        raise UsageError(
+            f"--num-val {own['num_val']}: each run completes its first {own['num_prompts']} "
+            f"validation images while it trains; give --num-val {own['num_prompts']} or more"
         )
     hf.new_settings(dict(given, model=str(model)))
     run_dir = hf.run_folder_of(given)
@@ -772,8 +797,9 @@ def build_parser():
         f"default: {DIGITS}, pretrained here on scikit-learn's digits once.",
         epilog=f"presets: {presets}",
     )
-    p.add_argument("--model", default=DIGITS, help="a preset, an ImageGPT folder or hub id")
-    data = f"default: the preset's; {CIFAR10} for ImageGPT"
+    model = f"a preset, an ImageGPT folder or hub id (default: {DIGITS}; --resume: the run's own)"
+    p.add_argument("--model", help=model)
+    data = f"default: the preset's; {CIFAR10} for ImageGPT; --resume: the run's own"
     p.add_argument("--data", help=f"a folder of images, hf:<dataset> or a token .jsonl ({data})")
     count = "default: all for digits, 128 for ImageGPT"
     p.add_argument("--num-images", type=int, help=f"held-out images to complete ({count})")
@@ -811,7 +837,7 @@ def main(argv=None):
 def evaluate_command(args):
     """--evaluate RUN: evaluate a finished image run; any training option is refused."""
     extra = [k for k, v in args.items() if v and k not in ("evaluate", "num_images", "model")]
-    extra += ["model"] if args["model"] != DIGITS else []
+    extra += ["model"] if args["model"] not in (None, DIGITS) else []
     if extra:
         flags = ", ".join("--" + name.replace("_", "-") for name in extra)
         raise UsageError(f"--evaluate takes the run's own settings: drop {flags}")

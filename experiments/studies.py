@@ -152,9 +152,10 @@ def run_study(study, out_dir=None, training=None, evaluation=None, progress=True
     study = study.replace("-", "_")
     own_training, own_evaluation = study_defaults(study)
     training = dict(own_training, **(training or {}))
+    evaluation = dict(own_evaluation, **(evaluation or {}))
+    check_study_options(study, training, evaluation)
     runs = study_plan(study, training, **plan)
     out_dir = Path(out_dir or runfiles.absolute_path("results/studies")) / study.replace("_", "-")
-    evaluation = dict(own_evaluation, **(evaluation or {}))
     check_same_study(out_dir, study, training, evaluation, runs)
     rows = []
     for name, settings in runs:
@@ -185,6 +186,28 @@ def run_study(study, out_dir=None, training=None, evaluation=None, progress=True
     return result
 
 
+def check_study_options(study, training, evaluation):
+    """Refuse, before any run, what a study cannot do with one line naming an option of
+    studies.py. The quality study chooses by the TTR of the first 96 new tokens (quality_choice):
+    below 96 there is none, and it failed after every run (the other studies draw a missing TTR
+    as absent). Each run greedily continues its first num_prompts validation sequences while
+    training (the preset's value, not an option here), so --num-val must hold them: hyperfit.py's
+    message named --num-prompts, which here means the evaluation's."""
+    new_tokens = evaluation.get("new_tokens")
+    if study == "quality" and new_tokens is not None and new_tokens < 96:
+        raise UsageError(
+            f"--new-tokens {new_tokens}: the quality study compares the TTR of the first 96 new "
+            "tokens; give --new-tokens 96 or more"
+        )
+    model = training.get("model") or hf.Settings.model
+    own = dict(vars(hf.defaults_for(model)), **{k: v for k, v in training.items() if v is not None})
+    if own["num_prompts"] > own["num_val"]:
+        raise UsageError(
+            f"--num-val {own['num_val']}: each run continues its first {own['num_prompts']} "
+            f"validation sequences while it trains; give --num-val {own['num_prompts']} or more"
+        )
+
+
 def check_same_study(out_dir, study, training, evaluation, runs):
     """Refuse to mix runs made with other settings into this study: study.json's settings, and
     each existing run folder's config.json, must be what this command would make."""
@@ -203,6 +226,7 @@ def check_same_study(out_dir, study, training, evaluation, runs):
                     f"({', '.join(differs)}); rerun it with the same, or choose another --out-dir"
                 )
     for name, settings in runs:
+        check_run_evaluation(out_dir / name, evaluation)  # also before study.json exists
         config = out_dir / name / "config.json"
         if config.exists():
             made = runfiles.read_json(
@@ -222,6 +246,33 @@ def check_same_study(out_dir, study, training, evaluation, runs):
                     f"({', '.join(differs or ['data'])}); rerun with the same, or choose "
                     "another --out-dir"
                 )
+
+
+def check_run_evaluation(run_dir, evaluation):
+    """Refuse to reuse a run's evaluation made with other options than the study's `evaluation`
+    (its eval/summary.json records them): an eval/ replaced by another evaluation (other
+    --num-prompts, --new-tokens or modes), or left by an interrupted study run with other
+    options, would put rows of another evaluation into the study's table."""
+    runfiles.recover_eval_folder(run_dir / "eval")  # a kill while evaluating left it aside
+    path = run_dir / "eval" / "summary.json"
+    if not path.exists():
+        return
+    made = runfiles.read_json(path, "a study run's evaluation is damaged: remove its eval/")
+    made = made.get("args") if isinstance(made.get("args"), dict) else {}
+
+    def same(key, wanted):
+        if key == "modes":  # the study's comma-separated string, the summary's list
+            wanted = wanted.split(",") if isinstance(wanted, str) else list(wanted)
+        if key == "device":  # "cuda" asked, "cuda:0" recorded
+            return str(made.get(key, "")).split(":")[0] == str(wanted).split(":")[0]
+        return made.get(key) == wanted
+
+    if differs := sorted(k for k, v in evaluation.items() if v is not None and not same(k, v)):
+        raise UsageError(
+            f"{run_dir / 'eval'} holds an evaluation made with other options "
+            f"({', '.join(differs)}); remove that eval/ to evaluate the run again, rerun with "
+            "the same options, or choose another --out-dir"
+        )
 
 
 def study_run(run_dir, training, evaluation, progress):

@@ -546,6 +546,24 @@ def test_bad_input_exits_2_and_writes_nothing(tiny_hyperfitted, argv, message, c
     assert sorted(p.name for p in tiny_hyperfitted.rglob("*")) == before
 
 
+def test_a_mauve_featurizer_that_cannot_load_is_one_line_before_any_generation(
+    tiny_hyperfitted, capsys, monkeypatch
+):
+    """--mauve-features gpt2-large offline: four tracebacks came after every continuation was
+    generated. When MAUVE will be computed, the featurizer loads first; its failure is one line."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(measures, "MAUVE_MIN_SAMPLES", 4)  # MAUVE computed at this run's prompts
+    monkeypatch.setattr(evaluate, "load_nets", lambda *a: pytest.fail("the work started"))
+    before = sorted(p.name for p in tiny_hyperfitted.rglob("*"))
+    name = "hyperfit-tests/gpt2-never-downloaded"
+    argv = [tiny_hyperfitted, "--num-prompts", "4", "--mauve-features", name]
+    code, err = run_main(argv, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"evaluate.py: cannot load {name} for MAUVE's features (" in err
+    assert "use --mauve-features original, or connect to the hub" in err
+    assert sorted(p.name for p in tiny_hyperfitted.rglob("*")) == before
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -239,6 +239,23 @@ def test_digits_are_prepared_once_with_a_classifier(tmp_path, monkeypatch):
     assert images.prepare_model(images.DIGITS, progress=False) == str(folder)  # once
 
 
+def test_resume_without_model_or_data_takes_the_run_s_own(image_run, capsys, tmp_path):
+    """images.py --resume takes the run's model and data from its config.json: with --model only
+    it tried to download CIFAR-10 (a folder's default data), and without --model it took the
+    digits and blamed options never given."""
+    out = tmp_path / "out"
+    runfiles.shutil.copytree(image_run, out / image_run.name)
+    before = json.loads((image_run / "eval" / "images.json").read_text())
+    model = json.loads((image_run / "config.json").read_text())["args"]["model"]
+    for extra in (["--model", runfiles.absolute_path(model)], []):
+        argv = ["--resume", "--run-name", image_run.name, "--out-dir", str(out), *extra]
+        code = images.main(argv)
+        err = capsys.readouterr().err
+        assert code == 0 and "images.py:" not in err, err  # progress bars only
+        after = json.loads((out / image_run.name / "eval" / "images.json").read_text())
+        assert after["modes"] == before["modes"]
+
+
 def test_the_command_line_lists_the_presets(capsys):
     with pytest.raises(SystemExit):
         images.build_parser().parse_args(["--help"])
@@ -255,6 +272,8 @@ def test_the_command_line_lists_the_presets(capsys):
         (["--model", "./no-such-folder"], "no such preset or folder"),
         (["--resume", "--overwrite"], "choose one"),
         (["--num-images", "-1"], "--num-images must be a positive integer"),
+        # the advice named --num-prompts, an option images.py does not have
+        (["--num-val", "4"], "--num-val 4: each run completes its first 32 validation images"),
         (["--evaluate", "results/x", "--epochs", "3"], "--evaluate takes the run's own settings"),
     ],
 )

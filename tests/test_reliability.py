@@ -514,6 +514,43 @@ def test_resume_on_changed_data_is_refused(finished_run, tiny_model_dir, tmp_pat
     assert tree(run) == before
 
 
+def test_resume_on_changed_validation_text_is_refused(finished_run, tmp_path, capsys):
+    """The training split is the same but the validation split is not (the text of its blocks
+    changed): resuming would write metrics.jsonl over two validation sets. Simulated by
+    recording another validation split's fingerprint, as the run would have before the edit."""
+    run = copy_run(finished_run, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    assert config["val_fingerprint"] and config["model_fingerprint"]
+    config["val_fingerprint"] = runfiles.fingerprint(torch.zeros(8, 64, dtype=torch.long))
+    (run / "config.json").write_text(json.dumps(config))
+    before = tree(run)
+    args = ["--run-name", "r", "--out-dir", run.parent, "--resume", "--epochs", "2"]
+    code, err = cli(args, capsys)
+    assert code == 2 and len(err) == 1 and "val_fingerprint" in err[0] and "mix" in err[0]
+    assert tree(run) == before
+
+
+def test_resume_on_replaced_base_model_weights_is_refused(
+    tiny_model_dir, tiny_data, tmp_path, capsys
+):
+    """model.safetensors at the same --model path was replaced by other weights after the run
+    started: resuming would train the adapter on over another model."""
+    from transformers import AutoModelForCausalLM
+
+    model = tmp_path / "model"
+    runfiles.shutil.copytree(tiny_model_dir, model)
+    run = tiny_run(str(model), tiny_data, tmp_path / "results", "r", epochs=1)
+    net = AutoModelForCausalLM.from_pretrained(model)
+    with torch.no_grad():
+        next(net.parameters()).add_(1.0)
+    net.save_pretrained(model)
+    before = tree(run)
+    args = ["--run-name", "r", "--out-dir", run.parent, "--resume", "--epochs", "2"]
+    code, err = cli(args, capsys)
+    assert code == 2 and len(err) == 1 and "model_fingerprint" in err[0], err
+    assert tree(run) == before
+
+
 def test_resume_with_the_run_s_own_values_is_no_change(finished_run, tmp_path, capsys):
     """--resume --seq-len <the run's own> is accepted; another value names the run's own one (no
     message about the preset's --prompt-len, which the run does not use)."""
@@ -927,3 +964,30 @@ def test_plain_python_on_several_gpus_says_once_which_gpu_it_uses(monkeypatch, c
     monkeypatch.setenv("WORLD_SIZE", "2")  # accelerate launch --multi_gpu: every GPU is used
     runfiles.pick_device()
     assert capsys.readouterr().out == ""
+
+
+def test_a_kill_between_write_folder_s_renames_puts_the_old_folder_back(tmp_path):
+    """A kill after eval/ became .eval.old and before the new one took its place: the last whole
+    evaluation is put back by the next reader (plot.py) or writer, never deleted; an .old that
+    is not a whole evaluation (a user's file, no summary) stays where it is."""
+    import plot
+
+    run = tmp_path / "r"
+    old = run / ".eval.old"
+    old.mkdir(parents=True)
+    (old / "summary.json").write_text('{"modes": {}}')
+    (old / "generations.jsonl").write_text("")
+    plot._recover_eval(run)
+    assert tree(run) == ["eval", "eval/generations.jsonl", "eval/summary.json"]
+    (run / "eval").rename(old)
+    assert runfiles.recover_eval_folder(run / "eval") and not old.exists()
+    (run / "eval").rename(old)
+    runfiles.write_folder(run / "eval", {"summary.json": "{}"}, "", owned=runfiles.EVAL_FILES)
+    assert tree(run) == ["eval", "eval/summary.json"]  # put back, then replaced whole as asked
+    runfiles.shutil.rmtree(run / "eval")
+    old.mkdir()
+    (old / "thesis.txt").write_text("a user's")
+    (old / "summary.json").write_text("{}")
+    assert not runfiles.recover_eval_folder(run / "eval")
+    plot._recover_eval(run)
+    assert not (run / "eval").exists() and plot._EVAL_FILES == runfiles.EVAL_FILES

@@ -140,6 +140,34 @@ def test_a_rerun_with_other_settings_is_refused(
     (folder / "study.json").write_text(before)
 
 
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_a_run_evaluated_with_other_options_is_not_reused(
+    data_size_study, tiny_model_dir, tiny_data, tmp_path, interrupted
+):
+    """A run's eval/ replaced by another evaluation (here other --num-prompts), or, with study.json
+    not written yet (an interrupted study), a rerun with other evaluation options than the runs
+    already evaluated: the study exited 0 with rows of two evaluations. Refused, nothing touched."""
+    folder = tmp_path / "data-size"
+    shutil.copytree(data_size_study[0], folder)
+    training = dict(TRAINING, model=tiny_model_dir, data=tiny_data)
+    evaluation = dict(EVALUATION)
+    if interrupted:
+        (folder / "study.json").unlink()
+        evaluation["new_tokens"] = 50
+    else:
+        summary = json.loads((folder / "n8" / "eval" / "summary.json").read_text())
+        summary["args"]["num_prompts"] = 6
+        (folder / "n8" / "eval" / "summary.json").write_text(json.dumps(summary))
+    before = sorted((p.relative_to(folder), p.stat().st_mtime_ns) for p in folder.rglob("*"))
+    with pytest.raises(hyperfit.UsageError, match="evaluation made with other options"):
+        studies.run_study(
+            "data-size", tmp_path, training, evaluation, sizes=[8, 16], progress=False
+        )
+    assert (
+        sorted((p.relative_to(folder), p.stat().st_mtime_ns) for p in folder.rglob("*")) == before
+    )
+
+
 def test_the_study_is_drawn(data_size_study):
     folder, _ = data_size_study
     assert (folder / "study.png").exists() and "[n16](n16/report.md)" in (
@@ -236,6 +264,10 @@ def test_the_recorded_command_names_every_setting_not_the_studys_own():
         (["data-size", "--modes", "original_greedy"], "unrecognized arguments: --modes"),
         (["quality", "--device", "cuda"], "--device cuda: no CUDA GPU is visible here"),
         (["nonsense"], "invalid choice: 'nonsense'"),
+        # the TTR of the first 96 tokens decides the quality study: it failed after every run
+        (["quality", "--new-tokens", "50"], "first 96 new tokens; give --new-tokens 96 or more"),
+        # the advice named --num-prompts, which studies.py cannot set for training
+        (["data-size", "--num-val", "4"], "--num-val 4: each run continues its first 16 valid"),
     ],
 )
 def test_bad_options_are_one_line(argv, message, capsys, tmp_path):
