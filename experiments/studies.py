@@ -79,7 +79,8 @@ FRONTIER_RUNS = dict(  # name: settings on top of FRONTIER_TRAINING and the pres
     base=dict(lr=2e-3, num_train=32, epochs=10),  # 40 hard steps
     n16=dict(lr=2e-3, num_train=16, epochs=20),  # half the data, the same 40 steps
     last5=dict(lr=2e-3, num_train=32, epochs=10, lora_layers=5),  # the follow-up's late LoRA
-)  # not run for lack of time (docs/studies.md): an unquantized base, half the lr x twice the steps
+    unquantized=dict(lr=2e-3, num_train=32, epochs=10, quant="none"),  # no 4-bit base
+)  # not run for lack of time (docs/studies.md): half the lr x twice the steps (lr 1e-3, 20 epochs)
 STUDIES = dict(
     data_size=dict(sizes=(8, 16, 32, 64, 128)),  # training sequences (the paper: down to 8)
     shuffle=dict(order_seeds=(0, 1)),  # data-order seeds of the same training set
