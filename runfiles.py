@@ -782,7 +782,8 @@ class RunProgress:
 
     def _advance(self, seconds):
         self.done += seconds
-        if self.expected is not None:
+        if self.expected is not None:  # a run slower than expected ends at 100 %, never beyond
+            self.bar.total = max(self.bar.total, self.done)
             self.bar.update(seconds)
         elif {"step", "score", "gen"} <= set(self.seconds):  # every unit timed: the plan's time
             self.expected = self.estimate()

@@ -313,6 +313,22 @@ def test_every_phase_is_named_and_the_expected_time_counts_the_validations(
     ]
 
 
+def test_a_run_slower_than_expected_ends_at_100_percent_not_beyond():
+    """Steps that take longer than the first one timed never push the bar past 100 % or its ETA
+    below zero (a busy machine: tqdm clamped with a warning and showed -00:00)."""
+    settings = SimpleNamespace(eval_every=2, gen_every=None, run_name="slow")
+    run = SimpleNamespace(settings=settings, step=0, total_steps=4)
+    with runfiles.RunProgress(run, shown=True) as bar:
+        bar.validated(1.0, 1.0)  # step 0
+        for seconds in (1.0, 5.0, 5.0, 5.0):  # the first step sets the plan; the rest are slower
+            run.step += 1
+            bar.stepped(seconds, 0.1)
+            if run.step % 2 == 0:
+                bar.validated(1.0, 1.0)
+        assert bar.expected == 4 * 1.0 + 3 * 1.0 + 3 * 1.0  # the plan, from the first timings
+        assert bar.bar.n == bar.bar.total == bar.done == 3 * 2.0 + 16.0
+
+
 def test_the_quick_check_runs_the_chain_and_prints_each_sign(
     tiny_model_dir, tiny_data, tmp_path, capsys
 ):
