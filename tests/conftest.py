@@ -2,9 +2,11 @@
 as ordinary Hugging Face folders, so every test runs the kit's real loading path (4-bit + LoRA) in
 seconds; and the settings of a tiny run."""
 
+import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,3 +98,48 @@ def compute_dtype(request):
     """A dtype-sensitive test runs at both compute dtypes the project's CPUs give (fp32 without
     AVX512-BF16, bf16 with it), whichever kind this machine is."""
     return request.param
+
+
+# -----------------------------------------------------------------------------
+# the image path's tiny model and pictures (test_images, test_decoys)
+
+SIDE, CLUSTERS, PICTURES = 4, 8, 40  # 4x4 images of 8 colours; 40 of them, in two classes
+
+
+@pytest.fixture(scope="session")
+def tiny_imagegpt(tmp_path_factory):
+    return tiny.random_imagegpt(tmp_path_factory.mktemp("tiny-imagegpt"), SIDE, CLUSTERS)
+
+
+def palette_of(folder):
+    from transformers import AutoImageProcessor
+
+    import images
+
+    return images.image_palette(AutoImageProcessor.from_pretrained(folder))
+
+
+@pytest.fixture(scope="session")
+def picture_folder(tmp_path_factory, tiny_imagegpt):
+    """PNG files of random pictures in the tiny model's own colours (so they tokenize exactly), in
+    two subfolders (their labels); returns (folder, the pictures' tokens in sorted file order)."""
+    from PIL import Image
+
+    import images
+
+    folder = tmp_path_factory.mktemp("pictures")
+    tokens = np.random.default_rng(1).integers(0, CLUSTERS, size=(PICTURES, SIDE * SIDE))
+    pictures = images.tokens_to_pixels(palette_of(tiny_imagegpt), tokens, SIDE)
+    for i, picture in enumerate(pictures):
+        (folder / "ab"[i % 2]).mkdir(exist_ok=True)
+        Image.fromarray(picture).save(folder / "ab"[i % 2] / f"{i:03d}.png")
+    order = sorted(range(PICTURES), key=lambda i: ("ab"[i % 2], i))
+    return folder, tokens[order]
+
+
+def load_bench():
+    """bench/bench.py as a module (bench/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "bench" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

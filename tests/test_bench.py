@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_bench
 
 import runfiles
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("bench", ROOT / "bench" / "bench.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_bench()
 HAVE_TRL = importlib.util.find_spec("trl") is not None  # the SFTTrainer peer's package
 
 

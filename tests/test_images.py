@@ -9,15 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CLUSTERS, PICTURES, SIDE
 
 import engine
 import hyperfit
 import images
 import plot
 import runfiles
-import tiny
 
-SIDE, CLUSTERS, PICTURES = 4, 8, 40  # 4x4 images of 8 colours; 40 of them, in two classes
 TINY_IMAGE_RUN = dict(
     num_train=8, num_val=4, num_prompts=4, epochs=6, eval_every=3, lr=1e-2, progress=False
 )
@@ -30,33 +29,6 @@ def cache(tmp_path_factory):
         folder = tmp_path_factory.mktemp("cache")
         patch.setenv("HYPERFIT_CACHE", str(folder))
         yield folder
-
-
-@pytest.fixture(scope="module")
-def tiny_imagegpt(tmp_path_factory):
-    return tiny.random_imagegpt(tmp_path_factory.mktemp("tiny-imagegpt"), SIDE, CLUSTERS)
-
-
-def palette_of(folder):
-    from transformers import AutoImageProcessor
-
-    return images.image_palette(AutoImageProcessor.from_pretrained(folder))
-
-
-@pytest.fixture(scope="module")
-def picture_folder(tmp_path_factory, tiny_imagegpt):
-    """PNG files of random pictures in the tiny model's own colours (so they tokenize exactly), in
-    two subfolders (their labels); returns (folder, the pictures' tokens in sorted file order)."""
-    from PIL import Image
-
-    folder = tmp_path_factory.mktemp("pictures")
-    tokens = np.random.default_rng(1).integers(0, CLUSTERS, size=(PICTURES, SIDE * SIDE))
-    pictures = images.tokens_to_pixels(palette_of(tiny_imagegpt), tokens, SIDE)
-    for i, picture in enumerate(pictures):
-        (folder / "ab"[i % 2]).mkdir(exist_ok=True)
-        Image.fromarray(picture).save(folder / "ab"[i % 2] / f"{i:03d}.png")
-    order = sorted(range(PICTURES), key=lambda i: ("ab"[i % 2], i))
-    return folder, tokens[order]
 
 
 @pytest.fixture(scope="module")
