@@ -27,18 +27,21 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from accelerate import Accelerator
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 # the kit's folder: bench/.. when run as a file, the working directory when pasted in a notebook
 ROOT = Path(__file__).resolve().parents[1] if "__file__" in globals() else Path.cwd()
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the kit, and its tests' tiny random models
+import runfiles  # noqa: E402
+
+runfiles.quiet_libraries()  # before peft imports bitsandbytes (it warns on AVX512-BF16 CPUs)
+from accelerate import Accelerator  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+
 import engine  # noqa: E402
 import evaluate  # noqa: E402
 import hyperfit  # noqa: E402
 import measures  # noqa: E402
-import runfiles  # noqa: E402
 import tiny  # noqa: E402
 
 # -----------------------------------------------------------------------------

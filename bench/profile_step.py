@@ -69,6 +69,10 @@ def profile_config(config, rows=15):
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--_one":
         profile_config(sys.argv[2])
+    elif unknown := [c for c in sys.argv[1:] if c not in bench.CONFIGS]:
+        choices = ", ".join(bench.CONFIGS)
+        print(f"profile_step.py: {unknown[0]}: choose from {choices}", file=sys.stderr)
+        sys.exit(2)
     else:  # a process per config: one's allocations and threads never touch the next's
         for config in sys.argv[1:] or ["4bit_lora", "trainer_qlora", "sft_qlora"]:
             subprocess.run([sys.executable, __file__, "--_one", config], check=True)
