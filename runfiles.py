@@ -782,14 +782,12 @@ class RunProgress:
 
     def _advance(self, seconds):
         self.done += seconds
-        if self.expected is not None:  # a run slower than expected ends at 100 %, never beyond
-            self.bar.total = max(self.bar.total, self.done)
-            self.bar.update(seconds)
-        elif {"step", "score", "gen"} <= set(self.seconds):  # every unit timed: the plan's time
-            self.expected = self.estimate()
-            self.bar.total = self.expected
+        if self.expected is None and {"step", "score", "gen"} <= set(self.seconds):
+            self.expected = self.estimate()  # every unit timed: the plan's time
             self.bar.write(f"expected: {self.plan_text()} (timed on the first step and validation)")
-            self.bar.update(self.done)
+        if self.expected is not None:  # a run slower than expected ends at 100 %, never beyond
+            self.bar.total = max(self.expected, self.done)
+            self.bar.update(self.done - self.bar.n)
 
     def estimate(self):
         """The run's expected seconds from its plan and the measured unit times."""

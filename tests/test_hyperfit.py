@@ -327,6 +327,14 @@ def test_a_run_slower_than_expected_ends_at_100_percent_not_beyond():
                 bar.validated(1.0, 1.0)
         assert bar.expected == 4 * 1.0 + 3 * 1.0 + 3 * 1.0  # the plan, from the first timings
         assert bar.bar.n == bar.bar.total == bar.done == 3 * 2.0 + 16.0
+    # a resumed run's plan is complete only at its last validation, when more may be done
+    run.step, run.total_steps = 4, 6
+    with runfiles.RunProgress(run, shown=True) as bar:
+        for seconds in (1.0, 9.0):
+            run.step += 1
+            bar.stepped(seconds, 0.1)
+        bar.validated(1.0, 1.0)
+        assert bar.expected == 2 * 1.0 + 1.0 + 1.0 and bar.bar.n == bar.bar.total == 12.0
 
 
 def test_the_quick_check_runs_the_chain_and_prints_each_sign(
