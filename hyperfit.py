@@ -654,6 +654,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("hyperfit.py: aborted; a run keeps its last checkpoint (--resume)", file=sys.stderr)
         return 130
+    except RuntimeError as e:  # under accelerate launch: another process died mid-step
+        if not (reason := runfiles.lost_process(e)):
+            raise
+        stopped = f"another process of this run stopped ({reason})"
+        print(f"hyperfit.py: {stopped}; launch it again with --resume", file=sys.stderr)
+        return 1
     if runfiles.is_main_process():
         print(f"done: {run}  (next: python evaluate.py {run} && python plot.py {run})")
     return 0

@@ -681,6 +681,21 @@ def resume_command(run):
     return f"python hyperfit.py --run-name {s.run_name} --out-dir {s.out_dir} --resume"
 
 
+def lost_process(error):
+    """Did `error` come from a collective operation whose peer process died (killed, out of
+    memory)? Under `accelerate launch` gloo and NCCL then raise in every surviving process.
+    Returns the reason to show, or None."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    text = str(error)
+    if not (isinstance(error, dist.DistError) or "gloo" in text or "NCCL" in text):
+        return None
+    reason = re.search(r"Connection \w+ by peer|timed out|timeout|NCCL error", text, re.I)
+    return reason[0] if reason else error.__class__.__name__
+
+
 def numerical_message(run, error):
     """NumericalError's one line: what happened, what was kept, and the way out."""
     where = f"{error} at step {run.step + 1}"
