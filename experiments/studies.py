@@ -114,10 +114,13 @@ ROW_METRICS = [
 ]
 
 
-def study_plan(study, training=None, sizes=None, order_seeds=None, lrs=None, epochs=None):
-    """[(run name, hyperfit settings)] of a study: one run per data size, per order seed, or per
-    (learning rate, size, epochs). A quality run is named by what it trains with: its settings on
-    top of the study's `training` on top of the model's preset."""
+def study_plan(
+    study, training=None, sizes=None, order_seeds=None, lrs=None, epochs=None, settings=None
+):
+    """[(run name, hyperfit settings)] of a study: one run per data size, per order seed, per
+    frontier setting (FRONTIER_RUNS, or the named `settings` of it) and seed, or per (learning
+    rate, size, epochs). A quality run is named by what it trains with: its settings on top of
+    the study's `training` on top of the model's preset."""
     if study == "data_size":
         return [(f"n{size}", dict(num_train=size)) for size in sizes or STUDIES[study]["sizes"]]
     if study == "shuffle":
@@ -125,7 +128,10 @@ def study_plan(study, training=None, sizes=None, order_seeds=None, lrs=None, epo
         return [(f"order{seed}", dict(order_seed=seed)) for seed in seeds]
     if study == "frontier":  # every setting at every seed
         seeds = order_seeds or FRONTIER_SEEDS  # a seed's runs before the next seed's
-        runs = [(name, seed) for seed in seeds for name in FRONTIER_RUNS]
+        settings = settings or list(FRONTIER_RUNS)
+        if unknown := sorted(set(settings) - set(FRONTIER_RUNS)):
+            raise UsageError(f"--settings {unknown[0]}: choose from {', '.join(FRONTIER_RUNS)}")
+        runs = [(name, seed) for seed in seeds for name in settings]
         return [(f"{name}-s{seed}", dict(FRONTIER_RUNS[name], seed=seed)) for name, seed in runs]
     if study == "quality":  # the given lists as a grid on top of the preset, else STUDIES' runs
         grid = (
@@ -149,8 +155,9 @@ def run_study(study, out_dir=None, training=None, evaluation=None, progress=True
     ordinary run folder per planned run, and write study.json (the settings, one row per run, and
     for the shuffle study the top-1 comparison). `training` and `evaluation` go on top of the
     study's own settings (STUDY_TRAINING, and STUDY_EVALUATION or QUALITY_EVALUATION); `plan`:
-    sizes, order_seeds, lrs or epochs. A rerun skips finished runs and resumes interrupted ones;
-    one with other settings than the study's existing runs is refused. Returns the study dict."""
+    sizes, order_seeds, lrs, epochs or settings. A rerun skips finished runs and resumes
+    interrupted ones; one with other settings than the study's existing runs is refused.
+    Returns the study dict."""
     study = study.replace("-", "_")
     own_training, own_evaluation = study_defaults(study)
     training = dict(own_training, **(training or {}))
@@ -1047,6 +1054,11 @@ def build_parser():
         help="shuffle: data-order seeds (default: 0,1); frontier: the seeds (default: 0,1,2)",
     )
     p.add_argument(
+        "--settings",
+        type=lambda text: text.split(","),
+        help=f"frontier: only these settings (default: all of {','.join(FRONTIER_RUNS)})",
+    )
+    p.add_argument(
         "--lrs",
         type=number_list(float),
         help="quality: learning rates (a grid with --sizes and --epochs)",
@@ -1067,7 +1079,9 @@ def main(argv=None):
         args = vars(build_parser().parse_args(argv))
         study, out_dir = args.pop("study"), args.pop("out_dir")
         plan = {
-            k: args.pop(k) for k in ("sizes", "order_seeds", "lrs", "epochs") if args[k] is not None
+            k: args.pop(k)
+            for k in ("sizes", "order_seeds", "lrs", "epochs", "settings")
+            if args[k] is not None
         }
         if args["device"] is not None:
             runfiles.pick_device(args["device"])  # before any training: one line if it cannot be

@@ -221,6 +221,14 @@ def test_the_quality_study_chooses_a_preset(tiny_model_dir, tiny_data, tmp_path)
     assert f"Chosen: **{choice['run']}**" in (tmp_path / "quality" / "report.md").read_text()
 
 
+def test_the_frontier_runs_only_the_settings_asked_for_at_every_seed():
+    plan = studies.study_plan("frontier", settings=["gentle"], order_seeds=[0, 1])
+    gentle = studies.FRONTIER_RUNS["gentle"]
+    assert plan == [("gentle-s0", dict(gentle, seed=0)), ("gentle-s1", dict(gentle, seed=1))]
+    names = [name for name, _ in studies.study_plan("frontier")]
+    assert len(names) == 3 * len(studies.FRONTIER_RUNS) and names[0] == "base-s0"
+
+
 def test_quality_choice_on_hand_made_rows():
     def row(name, ttr, unknown, epochs=10):
         return {
@@ -268,6 +276,7 @@ def test_the_recorded_command_names_every_setting_not_the_studys_own():
         (["quality", "--new-tokens", "50"], "first 96 new tokens; give --new-tokens 96 or more"),
         # the advice named --num-prompts, which studies.py cannot set for training
         (["data-size", "--num-val", "4"], "--num-val 4: each run continues its first 16 valid"),
+        (["frontier", "--settings", "base,nope"], "--settings nope: choose from base, n16"),
     ],
 )
 def test_bad_options_are_one_line(argv, message, capsys, tmp_path):
