@@ -95,29 +95,20 @@ def test_no_command_touches_a_file_outside_what_it_owns(
     evaluation = dict(studies.STUDY_EVALUATION, sharpness_seqs=2)
     monkeypatch.setattr(studies, "STUDY_EVALUATION", evaluation)
     run, inputs = ws / "results" / "r", ["--model", "model", "--data", "data/alice.txt"]
-    train = [
-        *inputs,
-        "--out-dir",
-        "results",
-        "--run-name",
-        "r",
-        *command_line(**TINY_COMMAND, epochs=2, eval_every=3),
-    ]
+    train = [*inputs, "--out-dir", "results", "--run-name", "r"]
+    train += command_line(**TINY_COMMAND, epochs=2, eval_every=3)
     image = ["--model", tiny_imagegpt, "--data", str(picture_folder[0]), "--run-name", "img"]
     image += ["--out-dir", "results", "--num-train", "8", "--num-val", "32", "--epochs", "2"]
     shuffle = ["shuffle", "--out-dir", "studies", *inputs, "--order-seeds", "0,1"]
+    elsewhere = ["results/r", "--out-dir", "evals/r", *TINY_EVAL]
+    quick_bench = ["--quick", "--only", "4bit_lora", "--out-dir", "bench"]
     steps = [  # (what, the command's main, its arguments, the folders it owns)
         ("train", hyperfit.main, train, [run]),
         ("resume", hyperfit.main, [*train, "--resume", "--epochs", "3"], [run]),
         ("overwrite", hyperfit.main, [*train, "--overwrite"], [run]),
         ("evaluate", evaluate.main, ["results/r", *TINY_EVAL], [run]),
         ("evaluate again", evaluate.main, ["results/r", *TINY_EVAL], [run]),
-        (
-            "evaluate elsewhere",
-            evaluate.main,
-            ["results/r", "--out-dir", "evals/r", *TINY_EVAL],
-            [run, ws / "evals"],  # and makes evals/,
-        ),  # fmt: skip
+        ("evaluate elsewhere", evaluate.main, elsewhere, [run, ws / "evals"]),  # makes evals/
         ("plot", plot.main, ["results/r"], [run]),
         ("annotate page", annotate.main, ["results/r", "--tokens", "16"], [run]),
     ]
@@ -128,12 +119,7 @@ def test_no_command_touches_a_file_outside_what_it_owns(
         ("annotate scores", annotate.main, ["results/r", "--judgments", "downloads"], [run]),
         ("study", studies.main, [*shuffle, "--new-tokens", "24"], [ws / "studies"]),
         ("images", images.main, image, [ws / "results/img", ws / "cache"]),
-        (
-            "bench",
-            bench.main,
-            ["--quick", "--only", "4bit_lora", "--out-dir", "bench-out"],
-            [ws / "bench-out"],
-        ),  # fmt: skip
+        ("bench", bench.main, quick_bench, [ws / "bench"]),
     ]
     for what, main, argv, owned in steps:
         untouched_outside(ws, owned, what, main, argv)

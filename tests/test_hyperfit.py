@@ -356,7 +356,7 @@ def test_the_quick_check_runs_the_chain_and_prints_each_sign(
         f"{first:.3f} -> {last:.3f}"
     )
     assert (
-        len(steps) == 20 and (run / "report.md").exists() and (run / "training_curves.png").exists()
+        len(steps) == 16 and (run / "report.md").exists() and (run / "training_curves.png").exists()
     )
     assert any(
         line.startswith("quick check: ") and "signs as in the paper" in line for line in lines
