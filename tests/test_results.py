@@ -10,7 +10,8 @@ import pytest
 
 import measures
 
-EVAL = Path(__file__).resolve().parents[1] / "results" / "reference" / "eval"
+ROOT = Path(__file__).resolve().parents[1]
+EVAL = ROOT / "results" / "reference" / "eval"
 # (a, b, measure, what the README says: True = a difference (p < 0.05), False = none found)
 CLAIMS = [
     # "Greedy text stops looping: TTR 0.15 -> 0.54 (p < 0.001), and 84 % -> 16 % ... word loop"
@@ -59,3 +60,35 @@ def test_each_difference_the_readme_names_passes_a_permutation_test(
     assert (p < measures.ALPHA) == differs, f"{a} vs {b} on {measure}: p = {p:.4f}"
     if measure == "ttr" and differs and "original" in b:
         assert p < 0.001  # the README says p < 0.001 for these
+
+
+# the README's table of the reference run: its rows, and each column's measure and format
+README_ROWS = [
+    "original greedy",
+    "original top-p",
+    "original, entropy-matched",
+    "**hyperfitted greedy**",
+]
+README_ROWS += ["hyperfitted + citation blocking", "human"]
+README_COLUMNS = [  # (measure, digits, scale)
+    ("ttr", 3, 1),
+    ("self_bleu4_texygen", 1, 1),
+    ("word_loop", 2, 1),
+    ("unknown_word_share", 2, 100),
+    ("intrusion", 2, 1),
+    ("ppl_original", 1, 1),
+]
+
+
+def test_the_readme_table_is_the_summary_s():
+    summary = json.loads((EVAL / "summary.json").read_text())
+    modes = list(summary["modes"])  # the README's rows, in the evaluation's order
+    lines = (ROOT / "README.md").read_text().splitlines()
+    rows = [next(line for line in lines if line.startswith(f"| {name}")) for name in README_ROWS]
+    for mode, row in zip(modes, rows):
+        metrics = summary["modes"][mode]["metrics"]
+        cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
+        for cell, (measure, digits, scale) in zip(cells, README_COLUMNS, strict=True):
+            m = metrics[measure]
+            low, high = (f"{x * scale:.{digits}f}" for x in m["ci"])
+            assert cell == f"{m['mean'] * scale:.{digits}f} [{low}, {high}]", (mode, measure)
