@@ -77,6 +77,7 @@ QUALITY_FIGSIZE = (11.0, 5.0)
 REPETITION_NGRAM = 3
 PAPER_FILE = "data/paper.json"  # the paper's numbers, with their sources
 TABLES_FILE = "data/tables.json"  # which measures each table shows: [measure, header, digits]
+STYLE_FILE = "data/repetition.css"  # repetition.html's style
 
 
 class PlotInputError(ValueError):
@@ -103,6 +104,14 @@ def read_paper():
 def read_tables():
     """The tables' layout (data/tables.json)."""
     return _read_json(kit_root() / TABLES_FILE, "restore data/tables.json from the kit")
+
+
+def read_style():
+    """repetition.html's style sheet (data/repetition.css)."""
+    path = kit_root() / STYLE_FILE
+    if not path.is_file():
+        raise PlotInputError(f"{path} is missing: restore data/repetition.css from the kit")
+    return path.read_text(encoding="utf-8")
 
 
 def plain(text):
@@ -402,18 +411,6 @@ def repeated_ngram_mask(token_ids, n=REPETITION_NGRAM):
     return mask
 
 
-HTML_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-.grid { display: grid; gap: 1em; overflow-x: auto; }
-.col { border: 1px solid #ddd; border-radius: 6px; padding: 0.6em; }
-.col h3 { margin: 0 0 0.4em 0; font-size: 0.95em; border-left: 6px solid; padding-left: 0.4em; }
-.text, .prompt { white-space: pre-wrap; font-family: Georgia, serif; line-height: 1.45; }
-.prompt { color: #555; background: #f6f6f6; padding: 0.6em; border-radius: 6px; }
-.rep { background: #f4a3a3; color: #700; }
-.legend span { padding: 0 0.4em; }
-"""
-
-
 def repetition_html(generations_path, num_prompts=4, n=REPETITION_NGRAM):
     """A self-contained HTML page (returned as text): for the first `num_prompts` prompts, the
     continuation of every decoding mode side by side, with each token whose n-gram (of token ids)
@@ -426,7 +423,7 @@ def repetition_html(generations_path, num_prompts=4, n=REPETITION_NGRAM):
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         "<title>Repetition in continuations</title>"
-        f"<style>{HTML_STYLE}</style></head><body>",
+        f"<style>\n{read_style()}</style></head><body>",
         "<h1>Repetition in continuations</h1>",
         f"<p class='legend'>Legend: <span class='tok rep'>repeated</span> = the {n}-gram of tokens "
         "ending here already occurred earlier in the same continuation; "

@@ -308,6 +308,14 @@ def test_repetition_html_marks_repeated_tokens(tmp_path):
         "http://" not in page and "https://" not in page and "<script" not in page
     )  # self-contained
     assert page.index("original greedy") < page.index("hyperfitted greedy")
+    assert (ROOT / "data" / "repetition.css").read_text() in page  # its style, from data/
+
+
+def test_a_missing_style_sheet_is_one_line(tmp_path, monkeypatch):
+    run = write_run(tmp_path)
+    monkeypatch.setattr(plot, "STYLE_FILE", "data/no-such.css")
+    with pytest.raises(plot.PlotInputError, match="restore data/repetition.css from the kit"):
+        plot.repetition_html(run / "eval" / "generations.jsonl")
 
 
 # -----------------------------------------------------------------------------
