@@ -65,9 +65,11 @@ Self-BLEU's words: nltk.word_tokenize, Punkt sentence split then the Treebank wo
 Texygen calls it; Punkt's English parameters ship as plain text in data/nltk_data.
 """
 
+import functools
 import math
 import os
 import re
+import statistics
 import unicodedata
 from pathlib import Path
 
@@ -219,6 +221,13 @@ def capitalised_words(text):
     return counts
 
 
+@functools.lru_cache(maxsize=32)
+def words_of_book(text):
+    """The lower-cased words of a whole book, counted once per book: every prompt drawn from it
+    asks again (a few hundred kB each)."""
+    return frozenset(capitalised_words(text))
+
+
 def names_of(text, share=NAME_CAPITALISED):
     """The names of a text: words it writes capitalised at least `share` of the time (proper
     nouns; sentence-initial common words are mostly written lower-case), at least twice."""
@@ -230,7 +239,7 @@ def intruding_names(text, prompt, source_text, training_names):
     """The training data's names in a continuation that neither its prompt nor the prompt's own
     source text holds: characters from other training books ("Miss Morland" in an Alice
     prompt). `training_names`: names_of(the training text); `source_text`: the prompt's book."""
-    known = set(loop_words(prompt)) | set(capitalised_words(source_text))
+    known = set(loop_words(prompt)) | words_of_book(source_text)
     written = {w.lower() for w in re.findall(r"\b[A-Z][^\W\d_]+", text)}  # capitalised words
     return sorted(w for w in written if w in training_names and w not in known)
 
@@ -475,23 +484,28 @@ def self_bleu4_texygen(texts):
     return self_bleu4(sequences, bleu=nltk_bleu4)
 
 
+def simctg_counts(text):
+    """{n: (unique, total)} n-grams of whitespace words in one text for n = 2, 3, 4, as SimCTG's
+    measure_repetition_and_diversity (simctg/evaluation.py) counts them: its loop stops one
+    n-gram before the end of a text."""
+    tokens = text.strip("\n").strip().split()
+    counts = {}
+    for n in SIMCTG_ORDERS:
+        grams = [" ".join(tokens[i : i + n]) for i in range(len(tokens) - n)]  # its bound
+        counts[n] = (len(set(grams)), len(grams))
+    return counts
+
+
 def simctg_repetition(texts):
-    """SimCTG's measure_repetition_and_diversity (simctg/evaluation.py) on decoded texts: for
-    n = 2, 3, 4 the per-text unique and total n-gram counts of whitespace words (its loop stops
-    one n-gram before the end of a text) summed over the texts; rep-n = 100 * (1 - unique /
-    total) rounded to 2 decimals; diversity = prod (1 - rep-n / 100). Returns dict(simctg_rep_2,
+    """SimCTG's measure_repetition_and_diversity on decoded texts: the per-text unique and total
+    n-gram counts (simctg_counts) summed over the texts; rep-n = 100 * (1 - unique / total)
+    rounded to 2 decimals; diversity = prod (1 - rep-n / 100). Returns dict(simctg_rep_2,
     simctg_rep_3, simctg_rep_4, simctg_diversity); rep-n is None when no text has an n-gram."""
-    unique, total = dict.fromkeys(SIMCTG_ORDERS, 0), dict.fromkeys(SIMCTG_ORDERS, 0)
-    for text in texts:
-        tokens = text.strip("\n").strip().split()
-        for n in SIMCTG_ORDERS:
-            grams = [" ".join(tokens[i : i + n]) for i in range(len(tokens) - n)]  # its bound
-            unique[n] += len(set(grams))
-            total[n] += len(grams)
+    counts = [simctg_counts(text) for text in texts]
     result = {}
     for n in SIMCTG_ORDERS:
-        rep = round((1 - unique[n] / total[n]) * 100, 2) if total[n] else None
-        result[f"simctg_rep_{n}"] = rep
+        unique, total = (sum(c[n][k] for c in counts) for k in (0, 1))
+        result[f"simctg_rep_{n}"] = round((1 - unique / total) * 100, 2) if total else None
     reps = [result[f"simctg_rep_{n}"] for n in SIMCTG_ORDERS]
     result["simctg_diversity"] = math.prod(1 - r / 100 for r in reps) if None not in reps else None
     return result
@@ -685,20 +699,15 @@ def overlap_share(spans):
     return float(np.mean([s > OVERLAP_TOKENS for s in spans])) if spans else None
 
 
-def summarize_mode(records):
-    """Summary entry of one mode: n, metrics (mean and std over continuations; std None for
-    set-level metrics), the original model's ranks of the overrides, and the sliding-window TTR
-    curve (over the continuations of full length)."""
+def set_measures(records):
+    """The measures of a mode's whole set of continuations (SET_METRICS): SimCTG's rep-n and
+    diversity, distinct-n, the shares of continuations ending in a loop and sharing more than
+    OVERLAP_TOKENS tokens with training, and of overrides beyond the original's top 10."""
     ids = [r["token_ids"] for r in records]
-    metrics = {key: mean_std([r[key] for r in records]) for key in PER_GENERATION_METRICS}
-    for key in PER_GENERATION_METRICS:  # how far the mean could move over other prompts
-        metrics[key]["ci"] = bootstrap_interval([r[key] for r in records])
     overrides = override_statistics([r["original_ranks"] for r in records if r["original_ranks"]])
-    set_values = dict(
+    return dict(
         simctg_repetition([r["text"] for r in records]),
-        distinct_1=distinct_n(ids, 1),
-        distinct_2=distinct_n(ids, 2),
-        distinct_3=distinct_n(ids, 3),
+        **{f"distinct_{n}": distinct_n(ids, n) for n in (1, 2, 3)},
         loop_share=float(np.mean([r["ends_in_loop"] for r in records])),
         overlap_gt10_share=overlap_share([r["longest_train_overlap"] for r in records]),
         overlap_gt10_share_first96=overlap_share(
@@ -706,7 +715,64 @@ def summarize_mode(records):
         ),
         override_beyond_top10_share=overrides["override_beyond_top10_share"],
     )
-    metrics.update({key: dict(mean=value, std=None) for key, value in set_values.items()})
+
+
+def set_intervals(records, resamples=BOOTSTRAP_RESAMPLES, seed=0, level=0.95):
+    """95 % intervals over prompts of set_measures. The shares are means over prompts
+    (bootstrap_interval); SimCTG's rep-n and the override share are ratios of sums over prompts,
+    resampled the same way (percentile bootstrap, Efron and Tibshirani 1993). distinct-n is not:
+    a prompt drawn twice adds its n-grams twice to the total but once to the unique ones, which
+    drags every resample down, so its interval is the delete-one jackknife's (ibid., ch. 11:
+    the value +- z * the jackknife standard error)."""
+    counts = [simctg_counts(r["text"]) for r in records]
+    ratios = {
+        f"simctg_rep_{n}": [(c[n][1] - c[n][0], c[n][1]) for c in counts] for n in SIMCTG_ORDERS
+    }
+    ranks = [np.asarray(r["original_ranks"] or []) for r in records]
+    ratios["override_beyond_top10_share"] = [((x > 10).sum(), (x > 1).sum()) for x in ranks]
+    draws = np.random.default_rng(seed).integers(0, len(records), (resamples, len(records)))
+    replicates = {}
+    for key, pairs in ratios.items():
+        part, whole = (np.array(column, dtype=float)[draws].sum(1) for column in zip(*pairs))
+        replicates[key] = np.where(whole > 0, part / np.maximum(whole, 1), np.nan)
+        replicates[key] *= 100 if key.startswith("simctg") else 1  # SimCTG's rep-n is in %
+    reps = [replicates[f"simctg_rep_{n}"] for n in SIMCTG_ORDERS]
+    replicates["simctg_diversity"] = np.prod([1 - r / 100 for r in reps], axis=0)
+    tail = (1 - level) / 2 * 100
+    intervals = {
+        key: [float(v) for v in np.nanpercentile(values, [tail, 100 - tail])]
+        for key, values in replicates.items()
+        if np.isfinite(values).any()
+    }
+    shares = dict(loop_share=[float(r["ends_in_loop"]) for r in records])
+    for key in ("longest_train_overlap", "longest_train_overlap_first96"):
+        name = key.replace("longest_train_overlap", "overlap_gt10_share")
+        shares[name] = [None if r[key] is None else float(r[key] > OVERLAP_TOKENS) for r in records]
+    intervals.update({k: bootstrap_interval(v, resamples, seed, level) for k, v in shares.items()})
+    z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
+    ids = [r["token_ids"] for r in records]
+    for n in (1, 2, 3):
+        value = distinct_n(ids, n)
+        left_out = np.array([distinct_n(ids[:i] + ids[i + 1 :], n) for i in range(len(ids))])
+        se = math.sqrt((len(ids) - 1) * np.mean((left_out - left_out.mean()) ** 2))
+        intervals[f"distinct_{n}"] = [max(0.0, value - z * se), min(1.0, value + z * se)]
+    return intervals
+
+
+def summarize_mode(records):
+    """Summary entry of one mode: n, metrics (mean, std over continuations and a 95 % interval
+    over prompts; std None for set-level metrics), the original model's ranks of the overrides,
+    and the sliding-window TTR curve (over the continuations of full length)."""
+    ids = [r["token_ids"] for r in records]
+    metrics = {key: mean_std([r[key] for r in records]) for key in PER_GENERATION_METRICS}
+    for key in PER_GENERATION_METRICS:  # how far the mean could move over other prompts
+        metrics[key]["ci"] = bootstrap_interval([r[key] for r in records])
+    intervals = set_intervals(records)
+    for key, value in set_measures(records).items():
+        metrics[key] = dict(
+            mean=value, std=None, ci=intervals.get(key) if value is not None else None
+        )
+    overrides = override_statistics([r["original_ranks"] for r in records if r["original_ranks"]])
     length = max(len(s) for s in ids)
     curves = [ttr_windows(s) for s in ids if len(s) == length]
     values = np.array([ttrs for _, ttrs in curves])

@@ -496,8 +496,8 @@ def format_table(summary):
         "",
         f"Model `{args['model']}` ({args['quant']}), {args['num_prompts']} held-out prompts of "
         f"{args['split']['prompt_len']} tokens, {args['new_tokens']} new tokens each; `human` is "
-        "the "
-        "text that follows each prompt in its book, the same number of tokens. Definitions: "
+        "the text that follows each prompt in its book, the same number of tokens. [low, high]: "
+        "the 95 % interval over prompts (bootstrap; distinct-n: jackknife). Definitions: "
         "measures.py. Command:",
         "",
         f"    {summary['command']}",

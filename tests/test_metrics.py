@@ -414,6 +414,42 @@ def test_bootstrap_interval_and_permutation_test_by_hand():
     assert measures.paired_permutation_p(*noise) > 0.05  # two samples of the same distribution
 
 
+def test_set_measure_intervals_recompute_each_measure_on_resampled_prompts():
+    rng = np.random.default_rng(3)
+    words = "the cat sat on a mat and then it ran off home".split()
+    records = []
+    for i in range(12):  # texts from looping (few distinct words) to varied
+        text = " ".join(rng.choice(words[: 3 + i], size=30))
+        ids = rng.integers(0, 4 + 3 * i, size=40).tolist()
+        ranks = rng.integers(1, 30, size=40).tolist()
+        records.append(
+            dict(text=text, token_ids=ids, original_ranks=ranks, ends_in_loop=i < 4,
+                 longest_train_overlap=int(rng.integers(0, 20)),
+                 longest_train_overlap_first96=None if i == 0 else int(rng.integers(0, 20)))
+        )  # fmt: skip
+    intervals = measures.set_intervals(records, resamples=400, seed=5)
+    values = measures.set_measures(records)
+    draws = np.random.default_rng(5).integers(0, 12, (400, 12))
+    replicates = [measures.set_measures([records[i] for i in draw]) for draw in draws]
+    for key in ("simctg_rep_2", "simctg_rep_4", "simctg_diversity", "override_beyond_top10_share"):
+        expected = np.percentile([r[key] for r in replicates], [2.5, 97.5])
+        tolerance = 0.006 if key.startswith("simctg_rep") else 1e-3  # SimCTG rounds rep-n
+        assert intervals[key] == pytest.approx(expected, abs=tolerance), key
+        assert intervals[key][0] <= values[key] + tolerance <= intervals[key][1] + 2 * tolerance
+    flags = [float(r["ends_in_loop"]) for r in records]
+    assert intervals["loop_share"] == measures.bootstrap_interval(flags, 400, 5)
+    assert measures.bootstrap_interval([None] + [1.0] * 11) == [1.0, 1.0]  # first96: None left out
+    for n in (1, 2, 3):  # the delete-one jackknife, by its textbook formula
+        ids = [r["token_ids"] for r in records]
+        left_out = [measures.distinct_n(ids[:i] + ids[i + 1 :], n) for i in range(12)]
+        se = math.sqrt(11 / 12 * sum((v - np.mean(left_out)) ** 2 for v in left_out))
+        value = measures.distinct_n(ids, n)
+        expected = [max(0, value - 1.96 * se), min(1, value + 1.96 * se)]  # a share: in [0, 1]
+        assert intervals[f"distinct_{n}"] == pytest.approx(expected, abs=1e-3)
+    # a prompt drawn twice adds no unique n-grams: resampled distinct-2 sits below its value
+    assert np.median([r["distinct_2"] for r in replicates]) < values["distinct_2"]
+
+
 def test_mode_differences_test_each_pair_on_the_same_prompts():
     records = [
         dict(mode=mode, prompt_id=i, ttr_first96=value + 0.01 * i, word_loop=0.0)
