@@ -1,9 +1,10 @@
 """No kit command deletes or writes a file outside the folders it owns (issue 29): decoys of a
 user's files are laid around a run (beside it in the results folder, in the data folder, in the
 model folder, in the working folder, in a judgments download folder), then every command runs in
-turn — train, resume, overwrite, evaluate in place and into an --out-dir, plot, the human study's
-page and its scores, a study, the image path, the bench — and after each one every file outside
-what it owns must be exactly as before: same names, same bytes, same modification times."""
+turn — train, resume, overwrite, evaluate in place and into an --out-dir, the paper comparison,
+plot, the human study's page and its scores, a study, the image path, the bench — and after each
+one every file outside what it owns must be exactly as before: same names, same bytes, same
+modification times."""
 
 import hashlib
 import json
@@ -16,6 +17,7 @@ import annotate
 import evaluate
 import hyperfit
 import images
+import paper_comparison
 import plot
 import studies
 
@@ -109,6 +111,7 @@ def test_no_command_touches_a_file_outside_what_it_owns(
         ("evaluate", evaluate.main, ["results/r", *TINY_EVAL], [run]),
         ("evaluate again", evaluate.main, ["results/r", *TINY_EVAL], [run]),
         ("evaluate elsewhere", evaluate.main, elsewhere, [run, ws / "evals"]),  # makes evals/
+        ("paper comparison", paper_comparison.main, ["results/r"], [run]),
         ("plot", plot.main, ["results/r"], [run]),
         ("annotate page", annotate.main, ["results/r", "--tokens", "16"], [run]),
     ]

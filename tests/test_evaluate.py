@@ -19,6 +19,7 @@ import engine
 import evaluate
 import hyperfit
 import measures
+import paper_comparison
 import plot
 import runfiles
 
@@ -274,7 +275,7 @@ def test_end_to_end_writes_every_output(evaluated, tiny_hyperfitted):
     table = plot.format_table(summary)  # plot.py renders the tables from the JSON
     assert all(f"| {mode} |" in table for mode in summary["modes"]) and "Entropy-matched" in table
     assert "unknown words" in table and "MAUVE" in table
-    comparison = plot.paper_comparison(
+    comparison = paper_comparison.paper_comparison(
         summary, plot.read_metrics(tiny_hyperfitted), plot.read_paper()
     )
     for finding in (

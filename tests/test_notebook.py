@@ -92,6 +92,7 @@ ORDER = [  # docs/usage.md's paste order: each file after the ones it imports
     "hyperfit.py",
     "evaluate.py",
     "plot.py",
+    "experiments/paper_comparison.py",
     "experiments/annotate.py",
     "experiments/studies.py",
     "experiments/images.py",
@@ -112,6 +113,7 @@ def test_a_script_pasted_into_a_cell_only_defines_its_functions(tmp_path, script
         "unknown_words('a zxqv'))",
         "hyperfit.py": "print(type_token_ratio([1, 2, 2, 3]), callable(hyperfit), callable(main))",
         "evaluate.py": "print(check_modes(None, True)[-1], callable(evaluate), callable(hyperfit))",
+        "experiments/paper_comparison.py": "print(callable(paper_comparison), callable(plot_run))",
         "experiments/annotate.py": "print(page_id_of([]) == page_id_of([]), callable(write_page))",
         "experiments/studies.py": "print(study_plan('shuffle')[0][0], callable(run_study))",
         "experiments/images.py": "print(shape_settings(dict(side=8, positions=65)), "
@@ -124,6 +126,7 @@ def test_a_script_pasted_into_a_cell_only_defines_its_functions(tmp_path, script
         "measures.py": "33.33 ['zxqv']",
         "hyperfit.py": "0.75 True True",
         "evaluate.py": "hyperfitted_blocked True True",
+        "experiments/paper_comparison.py": "True True",
         "experiments/annotate.py": "True True",
         "experiments/studies.py": "order0 True",
         "experiments/images.py": "{'seq_len': 65, 'prompt_len': 33, 'gen_tokens': 32} True True",
@@ -148,13 +151,15 @@ def test_the_pasted_files_run_the_documented_calls(tmp_path, tiny_model_dir):
     data.write_text((ROOT / "data/fiction/carroll_alice_in_wonderland.txt").read_text())
     work = tmp_path / "work"  # the kit's data/ beside the cells, as docs/usage.md says
     shutil.copytree(ROOT / "data" / "nltk_data", work / "data" / "nltk_data")
+    shutil.copy(ROOT / "data" / "paper.json", work / "data")  # the paper's numbers
     settings = dict(TINY_RUN, epochs=2, data=str(data), out_dir=str(tmp_path / "runs"))
     calls = f"""
 run_dir = hyperfit(model={tiny_model_dir!r}, run_name="pasted", **{settings!r})
 summary = evaluate(run_dir, num_prompts=4, new_tokens=24, sharpness_seqs=2, batch_size=8,
                    modes=["original_greedy", "hyperfitted_greedy"], progress=False)
 figure = plot_training_curves(run_dir)
-print(len(read_metrics(run_dir)), sorted(summary["modes"]), len(figure.axes) > 0)
+compared = os.path.basename(write_comparison(run_dir))  # experiments/paper_comparison.py
+print(len(read_metrics(run_dir)), sorted(summary["modes"]), len(figure.axes) > 0, compared)
 """
     cells = [nbformat.v4.new_code_cell((ROOT / name).read_text()) for name in ORDER]
     cells.append(nbformat.v4.new_code_cell(calls))
@@ -163,4 +168,4 @@ print(len(read_metrics(run_dir)), sorted(summary["modes"]), len(figure.axes) > 0
         errors = [o for o in cell.outputs if o.get("output_type") == "error"]
         assert not errors, (cell.source[:80], errors)
     last = "".join(o.get("text", "") for o in done.cells[-1].outputs).strip().splitlines()[-1]
-    assert last == "2 ['human', 'hyperfitted_greedy', 'original_greedy'] True"
+    assert last == "2 ['human', 'hyperfitted_greedy', 'original_greedy'] True paper_comparison.md"

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ import matplotlib.image as mpimg
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
+import paper_comparison  # noqa: E402
 import plot  # noqa: E402
 
 MODES = [
@@ -184,7 +186,8 @@ def expected_size(figsize):
 def plotted_run(tmp_path_factory):
     """One full run folder drawn once by plot_run (with SVGs); shared: rendering is slow."""
     run = write_run(tmp_path_factory.mktemp("plotted"))
-    return run, plot.plot_run(run, svg=True)
+    compared = paper_comparison.write_comparison(run)  # the side page report.md links
+    return run, [compared] + plot.plot_run(run, svg=True)
 
 
 def test_plot_run_writes_every_figure_with_expected_size(plotted_run):
@@ -200,8 +203,22 @@ def test_plot_run_writes_every_figure_with_expected_size(plotted_run):
         assert png_size(path) == expected_size(figsize)
         assert path.with_suffix(".svg").read_text().lstrip().startswith("<?xml")
     assert str(run / "eval" / "repetition.html") in written and str(run / "report.md") in written
-    for page in ("table.md", "paper_comparison.md"):  # plot.py renders every Markdown file
+    for page in ("table.md", "paper_comparison.md"):  # plot.py's and the paper comparison's
         assert str(run / "eval" / page) in written
+    page = (run / "eval" / "paper_comparison.md").read_text()
+    assert "| finding | paper | this run | verdict |" in page
+
+
+def test_the_paper_comparison_is_its_own_command_and_one_line_without_an_evaluation(tmp_path):
+    run = write_run(tmp_path)
+    assert str(run / "eval" / "paper_comparison.md") not in plot.plot_run(run)  # not plot's
+    script = ROOT / "experiments" / "paper_comparison.py"
+    done = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == str(run / "eval/paper_comparison.md")
+    shutil.rmtree(run / "eval")
+    again = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1
+    assert "run python evaluate.py" in again.stderr and not (run / "eval").exists()
 
 
 def test_training_curves_single_run_panels_and_reference_lines(tmp_path):
