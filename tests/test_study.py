@@ -402,6 +402,7 @@ def test_the_frontier_study_reports_each_setting_over_seeds(
     and the report."""
     runs = dict(a=dict(lr=1e-2, num_train=16, epochs=2), b=dict(lr=1e-2, num_train=16, epochs=4))
     monkeypatch.setattr(studies, "FRONTIER_RUNS", runs)
+    monkeypatch.setattr(studies, "FRONTIER_DEFAULT", tuple(runs))  # what `frontier` runs
     training = dict(TRAINING, model=tiny_model_dir, data=tiny_data)
     evaluation = dict(EVALUATION, num_prompts=6, new_tokens=24)
     study = studies.run_study(
