@@ -13,8 +13,9 @@ Writes JSON only, into <run>/eval/ (replaced whole: a new evaluation appears com
 one stays): summary.json (per mode: every measure's mean and std, the sharpness table, the
 entropy-matched temperature, timings, the machine) and generations.jsonl (one record per
 continuation: its text, tokens and every per-continuation measure). `python plot.py <run>` renders
-them (table.md, paper_comparison.md, figures); `python experiments/annotate.py <run>` builds the
-blind page of the paper's human study from them. measures.py defines every measure, with its source.
+them (table.md, figures); `python experiments/paper_comparison.py <run>` puts them beside the
+paper's numbers; `python experiments/annotate.py <run>` builds the blind page of the paper's human
+study from them. measures.py defines every measure, with its source.
 
 Decoding modes (and one reference row):
     original_greedy            the model before hyperfitting, greedy
@@ -956,12 +957,13 @@ def command_line(args):
 # -----------------------------------------------------------------------------
 # the quick check of an install: the whole chain in about two minutes (python hyperfit.py --quick)
 
-# 16 steps on 16 x 64 tokens (the loss is ~0.2 by then); validation at steps 0, 8 and 16, greedy
-# TTR at the start and the end: under 2 minutes on 2 CPU cores, model loading included
+# 16 steps on 16 x 64 tokens (the loss is ~0.2 by then); validation at steps 0 and 16 (greedy TTR
+# on 4 prompts: the evaluation measures it on 8); then greedy text of both models, 48 tokens each:
+# under 2 minutes on 2 CPU cores of either kind measured, model loading included (README)
 QUICK_TRAINING = dict(run_name="quick", seq_len=64, num_train=16, epochs=8, lr=2e-3, num_val=8)
-QUICK_TRAINING.update(num_prompts=8, gen_tokens=48, eval_every=8, gen_every=16)
+QUICK_TRAINING.update(num_prompts=4, gen_tokens=48, eval_every=16)
 QUICK_EVALUATION = dict(
-    modes="original_greedy,hyperfitted_greedy", num_prompts=8, new_tokens=64, sharpness_seqs=4
+    modes="original_greedy,hyperfitted_greedy", num_prompts=8, new_tokens=48, sharpness_seqs=2
 )
 
 
