@@ -251,8 +251,14 @@ def bootstrap_interval(values, resamples=BOOTSTRAP_RESAMPLES, seed=0, level=0.95
     if len(x) < 2:
         return None
     means = x[np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))].mean(1)
+    return percentile_interval(means, level)
+
+
+def percentile_interval(replicates, level=0.95):
+    """The central `level` interval of bootstrap replicates (NaN replicates, where a resample
+    leaves a ratio undefined, left out)."""
     tail = (1 - level) / 2 * 100
-    return [float(v) for v in np.percentile(means, [tail, 100 - tail])]
+    return [float(v) for v in np.nanpercentile(replicates, [tail, 100 - tail])]
 
 
 def paired_permutation_p(a, b, permutations=PERMUTATIONS, seed=0):
@@ -693,10 +699,16 @@ def mean_std(values):
     return dict(mean=float(np.mean(values)), std=float(np.std(values)))
 
 
+def overlap_flags(spans):
+    """Per continuation: 1.0 where its longest span shared with one training sequence is longer
+    than OVERLAP_TOKENS tokens, else 0.0; None where it was not measured (too short)."""
+    return [None if s is None else float(s > OVERLAP_TOKENS) for s in spans]
+
+
 def overlap_share(spans):
     """Share of continuations sharing more than OVERLAP_TOKENS tokens with one training sequence."""
-    spans = [s for s in spans if s is not None]
-    return float(np.mean([s > OVERLAP_TOKENS for s in spans])) if spans else None
+    flags = [f for f in overlap_flags(spans) if f is not None]
+    return float(np.mean(flags)) if flags else None
 
 
 def set_measures(records):
@@ -738,16 +750,18 @@ def set_intervals(records, resamples=BOOTSTRAP_RESAMPLES, seed=0, level=0.95):
         replicates[key] *= 100 if key.startswith("simctg") else 1  # SimCTG's rep-n is in %
     reps = [replicates[f"simctg_rep_{n}"] for n in SIMCTG_ORDERS]
     replicates["simctg_diversity"] = np.prod([1 - r / 100 for r in reps], axis=0)
-    tail = (1 - level) / 2 * 100
     intervals = {
-        key: [float(v) for v in np.nanpercentile(values, [tail, 100 - tail])]
+        key: percentile_interval(values, level)
         for key, values in replicates.items()
         if np.isfinite(values).any()
     }
-    shares = dict(loop_share=[float(r["ends_in_loop"]) for r in records])
-    for key in ("longest_train_overlap", "longest_train_overlap_first96"):
-        name = key.replace("longest_train_overlap", "overlap_gt10_share")
-        shares[name] = [None if r[key] is None else float(r[key] > OVERLAP_TOKENS) for r in records]
+    shares = dict(
+        loop_share=[float(r["ends_in_loop"]) for r in records],
+        overlap_gt10_share=overlap_flags([r["longest_train_overlap"] for r in records]),
+        overlap_gt10_share_first96=overlap_flags(
+            [r["longest_train_overlap_first96"] for r in records]
+        ),
+    )
     intervals.update({k: bootstrap_interval(v, resamples, seed, level) for k, v in shares.items()})
     z = statistics.NormalDist().inv_cdf(0.5 + level / 2)
     ids = [r["token_ids"] for r in records]
