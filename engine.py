@@ -363,12 +363,14 @@ def save(run):
     run.accelerator.wait_for_everyone()
 
 
-def save_adapter(run):
+def save_trained(run):
     """The finished run's LoRA adapter in run_dir/adapter/ (written beside it, then renamed),
-    whole also under FSDP: it loads onto one device like any adapter."""
+    whole also under FSDP: it loads onto one device like any adapter. After a full fine-tune
+    (--lora-r 0), the whole model in run_dir/model/, which loads like any model folder."""
     weights, _ = full_states(run)
     if run.is_main():
-        final, tmp = run.run_dir / "adapter", run.run_dir / "adapter.tmp"
+        name = "adapter" if hasattr(run.unwrapped, "peft_config") else "model"
+        final, tmp = run.run_dir / name, run.run_dir / f"{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         run.unwrapped.save_pretrained(tmp, state_dict=weights)
         shutil.rmtree(final, ignore_errors=True)

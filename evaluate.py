@@ -23,7 +23,7 @@ Decoding modes (and one reference row):
     original_entropy_matched   the same, pure temperature sampling at the temperature where its mean
                                predictive entropy on validation text equals the hyperfitted model's
                                (the follow-up's control)
-    hyperfitted_greedy         the hyperfitted model (base + LoRA adapter), greedy
+    hyperfitted_greedy         the hyperfitted model (base + LoRA adapter, or fully tuned), greedy
     hyperfitted_blocked        the same with citation blocking: no token may complete an n-gram of
                                the training sequences (the prompt counts); the best remaining token
                                is taken (Carlsson et al.; the paper publishes no code for it)
@@ -361,7 +361,8 @@ class OwnTokenScores:
 
 def resolve_setup(run_dir, options):
     """What evaluate() works on, checked before anything is loaded or written: dict(run_name,
-    model, quant, dtype, adapter (folder or None), split (data, seq_len, num_train, num_val, seed,
+    model, quant, dtype, adapter (folder or None), tuned_model (the model/ folder of a full
+    fine-tune, --lora-r 0, or None), split (data, seq_len, num_train, num_val, seed,
     prompt_len), train_fingerprint (None without a run), run_dir). A run brings its own split; a
     bare model (`options.model` alone) takes its preset's, with the options' values on top."""
     split = {k: getattr(options, k) for k in SPLIT if getattr(options, k) is not None}
@@ -383,6 +384,7 @@ def resolve_setup(run_dir, options):
             quant=options.quant or defaults.quant,
             dtype=options.dtype or defaults.dtype,
             adapter=None,
+            tuned_model=None,
             split=split,
             train_fingerprint=None,
             run_dir=None,
@@ -397,7 +399,8 @@ def resolve_setup(run_dir, options):
     args = config.get("args")
     if not isinstance(args, dict) or any(k not in args for k in ("model", "quant", "seed", *SPLIT)):
         raise UsageError(f'{run}/config.json has no complete "args": {what}')
-    adapter = check_run_adapter(run, run_dir, args)
+    trained = check_run_trained(run, run_dir, args)
+    full = args.get("lora_r") == 0  # a full fine-tune: its model/ folder is a model of its own
     if options.model is not None and options.model != args["model"]:
         raise UsageError(
             f"--model {options.model} differs from the base model {args['model']} "
@@ -408,15 +411,17 @@ def resolve_setup(run_dir, options):
         model=args["model"],
         quant=options.quant or args["quant"],
         dtype=options.dtype or args.get("dtype", "auto"),
-        adapter=str(adapter),
+        adapter=None if full else str(trained),
+        tuned_model=str(trained) if full else None,
         train_fingerprint=config.get("train_fingerprint"),
         split={k: args[k] for k in (*SPLIT, "seed")},
         run_dir=str(run),
     )
 
 
-def check_run_adapter(run, run_dir, args):
-    """The adapter of a finished text run (its folder), else a UsageError that says what to do.
+def check_run_trained(run, run_dir, args):
+    """The trained weights of a finished text run: its adapter/ folder, or its model/ folder after
+    a full fine-tune (--lora-r 0); else a UsageError that says what to do.
     An image run (images.py's: its model folder holds image_model.json, its evaluation is
     eval/images.json) is evaluated by images.py, which measures images, not text."""
     image_marker = Path(runfiles.absolute_path(args["model"])) / "image_model.json"
@@ -425,17 +430,15 @@ def check_run_adapter(run, run_dir, args):
             f"{run_dir} is an image run: evaluate it with "
             f"python experiments/images.py --evaluate {run_dir}"
         )
-    adapter = run / "adapter"
-    if not (adapter / "adapter_config.json").exists():
+    marker = runfiles.trained_marker(run, args.get("lora_r"))
+    if not marker.exists():
         raise UsageError(
-            f"{run_dir} has no adapter/ (the run did not finish): finish it with "
+            f"{run_dir} has no {marker.parent.name}/ (the run did not finish): finish it with "
             f"python hyperfit.py --run-name {run.name} --out-dir {run.parent} --resume,"
             " or pass --model alone to evaluate the original model"
         )
-    runfiles.read_json(
-        adapter / "adapter_config.json", "the run's adapter is damaged; redo the run"
-    )
-    return adapter
+    runfiles.read_json(marker, f"the run's {marker.parent.name} is damaged; redo the run")
+    return marker.parent
 
 
 def load_eval_data(tokenizer, setup, options):
@@ -484,13 +487,15 @@ class Nets:
     two dense copies, the LoRA merged into one (bitsandbytes dequantizes at every step on a CPU:
     a copy generates ~3x faster). On a GPU (or dense=False): the one quantized net with its
     adapter, switched off for the original (peft's disable_adapter), which costs no second copy
-    of the base model."""
+    of the base model. After a full fine-tune (`tuned`, the hyperfitted model of its own, beside
+    the original `net`): both as loaded, unquantized already."""
 
-    def __init__(self, net, has_adapter, dense):
-        self.has_adapter = has_adapter
-        self.net = None if dense else net
-        self.dense = {}
-        if dense:
+    def __init__(self, net, dense, tuned=None):
+        has_adapter = hasattr(net, "peft_config")
+        self.has_hyperfitted = has_adapter or tuned is not None
+        self.net = None if dense or tuned is not None else net
+        self.dense = dict(original=net, hyperfitted=tuned) if tuned is not None else {}
+        if dense and tuned is None:
             self.dense["hyperfitted"] = engine.dense_copy(net) if has_adapter else None
             with net.disable_adapter() if has_adapter else contextlib.nullcontext():
                 self.dense["original"] = engine.dense_copy(net)
@@ -500,7 +505,7 @@ class Nets:
         """`with nets.use("original") as net:` - the net to call for `which`."""
         if self.net is None:
             yield self.dense[which]
-        elif which == "original" and self.has_adapter:
+        elif which == "original" and self.has_hyperfitted:
             with self.net.disable_adapter():
                 yield self.net
         else:
@@ -512,19 +517,16 @@ class Nets:
 
 
 def load_nets(setup, device, dense, tokenizer=None):
-    """Load the run's base model and adapter once; `dense` None means: dense copies on a CPU.
-    `tokenizer`: evaluate()'s, so it is not loaded a second time."""
-    net, _ = hf.load_model(
-        setup["model"],
-        setup["quant"],
-        adapter=setup["adapter"],
-        device=device,
-        dtype=setup["dtype"],
-        tokenizer=tokenizer,
-    )
-    net.eval()
+    """Load the run's base model and adapter (or fully tuned model) once; `dense` None means:
+    dense copies on a CPU. `tokenizer`: evaluate()'s, so it is not loaded a second time."""
+    nets = []
+    for model, adapter in [(setup["model"], setup["adapter"]), (setup["tuned_model"], None)]:
+        if model is not None:
+            quant = "none" if model is setup["tuned_model"] else setup["quant"]
+            net, _ = hf.load_model(model, quant, adapter, device, setup["dtype"], tokenizer)
+            nets.append(net.eval())
     dense = (runfiles.pick_device(device).type == "cpu") if dense is None else dense
-    return Nets(net, setup["adapter"] is not None, dense)
+    return Nets(nets[0], dense, *nets[1:])
 
 
 # -----------------------------------------------------------------------------
@@ -536,7 +538,7 @@ def measure_sharpness(nets, data, modes, progress, timing):
     where both models rank the same token first, and the entropy-matched temperature; their
     seconds go into `timing` (sharpness_s, temperature_s)."""
     sharpness, top1, clock, cache = {}, {}, time.time(), None
-    for which in ("original", "hyperfitted") if nets.has_adapter else ("original",):
+    for which in ("original", "hyperfitted") if nets.has_hyperfitted else ("original",):
         desc = f"sharpness: {which}" if progress else None
         with nets.use(which) as net:
             # the temperature search needs the original's logits on the same text: keep them
@@ -548,7 +550,7 @@ def measure_sharpness(nets, data, modes, progress, timing):
             )
         top1[which] = stats.pop("top1_ids")
         sharpness[which] = stats
-    if nets.has_adapter:
+    if nets.has_hyperfitted:
         sharpness["val_top1_agreement"] = (
             (top1["original"] == top1["hyperfitted"]).float().mean().item()
         )
@@ -769,7 +771,7 @@ def measure_modes(nets, data, continuations, own_scores, tokenizer, options, pro
     summary. The seconds of each phase go into `timing` (scoring_s, measuring_s, mauve_*)."""
     rows_of = {mode: rows.tolist() for mode, rows in continuations.items()} | {HUMAN: data["human"]}
     scores_of, clock = {mode: {} for mode in rows_of}, time.time()
-    models = ("original", "hyperfitted") if nets.has_adapter else ("original",)
+    models = ("original", "hyperfitted") if nets.has_hyperfitted else ("original",)
     for mode, which in shown([(m, w) for m in rows_of for w in models], "scoring", progress):
         own = own_scores.get(mode) if mode != HUMAN and Nets.mode_model(mode) == which else None
         scores_of[mode][which] = own or score_rows(nets, which, data["prompts"], rows_of[mode])
@@ -877,6 +879,7 @@ def run_evaluation(setup, data, modes, options, tokenizer, device, progress):
     timing, clock = {}, time.time()
     if progress:  # loading a model prints nothing of its own for up to minutes
         adapter = " and its adapter" if setup["adapter"] else ""
+        adapter = f" and {setup['tuned_model']}" if setup["tuned_model"] else adapter
         print(f"loading {setup['model']}{adapter} on {device} ...", flush=True)
     nets = load_nets(setup, device, options.dense, tokenizer)
     timing["load_s"] = time.time() - clock

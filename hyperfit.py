@@ -20,8 +20,8 @@ generation, KV-cache generation, accelerate and FSDP, the bundled model's conver
 
 Words used throughout: `model` names what to load (a preset, a local folder or a hub id); `net`
 is the loaded torch module. A run writes everything to results/<run-name>/: config.json,
-metrics.jsonl (one record per validation), samples.jsonl, the LoRA adapter (adapter/) and a
-resumable checkpoint (checkpoint/).
+metrics.jsonl (one record per validation), samples.jsonl, the LoRA adapter (adapter/; model/
+after a full fine-tune, --lora-r 0) and a resumable checkpoint (checkpoint/).
 """
 
 import os
@@ -94,7 +94,7 @@ class Settings:
     eval_every: int = setting(250, "optimizer steps between validations", paper=True, least=1)
     gen_every: int = setting(None, "steps between TTR generations (default: --eval-every)", least=1)
     save_every: int = setting(None, "steps between checkpoints (default: --eval-every)", least=1)
-    lora_r: int = setting(16, "LoRA rank", least=1)
+    lora_r: int = setting(16, "LoRA rank (0: no LoRA, every weight trains)", least=0)
     lora_alpha: int = setting(32, "LoRA alpha (the update is scaled by alpha / r)", least=1)
     lora_layers: int = setting(None, "LoRA on the last k layers only (default: on all)", least=1)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass")
@@ -166,6 +166,7 @@ def check_settings(s):
     if runfiles.dtype_choice(s.dtype) is None:
         raise UsageError(f"--dtype {s.dtype}: choose auto, float32, bfloat16 or float16")
     runfiles.check_run_name(s.run_name)
+    runfiles.check_full_fine_tuning(s, sharded=engine.fsdp_launch())
 
 
 # -----------------------------------------------------------------------------
@@ -203,7 +204,7 @@ def hyperfit(model=None, *, resume=False, overwrite=False, progress=True, **sett
             runfiles.start_run_folder(run, overwrite, changes, previous)
         with runfiles.StopRequest() as stop, runfiles.progress_bar(run, progress):
             train(run, stop)
-            engine.save_adapter(run)
+            engine.save_trained(run)
             run.bar.finished()
     return str(run_dir)
 
@@ -503,6 +504,8 @@ def add_lora(net, r=16, alpha=32, last_layers=None, gradient_checkpointing=False
         # fp32, +4 GB at Llama-3.1-8B, the difference between fitting a 12 GB card or not.
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         net.enable_input_require_grads()
+    if r == 0:  # full fine-tuning, the paper's own setting: every weight trains as loaded
+        return net
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets)
     config.task_type = "CAUSAL_LM"  # peft's causal-LM wrapper: generate() and the loss as usual
     return get_peft_model(net, config)

@@ -298,11 +298,28 @@ def latest_checkpoint(run_dir):
     """The checkpoint folder to resume from: checkpoint/, or checkpoint.old/ when a save died
     between its two renames. None if there is none."""
     for folder in (Path(run_dir) / "checkpoint", Path(run_dir) / "checkpoint.old"):
-        if (folder / "trainer_state.pt").exists() and (
-            folder / "adapter_model.safetensors"
-        ).exists():
+        if (folder / "trainer_state.pt").exists() and trained_weights_file(folder).exists():
             return folder
     return None
+
+
+def trained_marker(run_dir, lora_r):
+    """The file a finished run's trained weights are known by: its LoRA adapter's config
+    (adapter/adapter_config.json), or after a full fine-tune (lora_r 0) its model's
+    (model/config.json)."""
+    full = lora_r == 0
+    return (
+        Path(run_dir)
+        / ("model" if full else "adapter")
+        / ("config.json" if full else "adapter_config.json")
+    )
+
+
+def trained_weights_file(folder):
+    """The weights a run trains, as save_pretrained writes them into `folder`: the LoRA adapter's
+    (adapter_model.safetensors), or every weight's (model.safetensors) after a full fine-tune."""
+    full = Path(folder) / "model.safetensors"
+    return full if full.exists() else Path(folder) / "adapter_model.safetensors"
 
 
 def check_writable_run_dir(run_dir):
@@ -423,7 +440,8 @@ def disk_full(error, folder):
 
 
 def save_checkpoint(run_dir, net, optimizer, scaler, state, weights=None, optimizer_state=None):
-    """Save the adapter, optimizer, loss scaler, RNG states and `state` (step, loss sums, elapsed)
+    """Save the trained weights (trained_weights_file), optimizer, loss scaler, RNG states and
+    `state` (step, loss sums, elapsed)
     to run_dir/checkpoint/: written to checkpoint.tmp/ and renamed, so a kill at any moment keeps
     the last good checkpoint. Leftovers of an earlier killed save are cleared first; a full disk
     is a UsageError that says the last checkpoint is intact. `weights` and `optimizer_state`:
@@ -470,7 +488,14 @@ def load_checkpoint(folder, net, optimizer, scaler):
             f"{folder}/trainer_state.pt is not a checkpoint this kit wrote "
             f"({e.__class__.__name__}); start the run again with --overwrite"
         ) from None
-    set_peft_model_state_dict(net, load_file(Path(folder) / "adapter_model.safetensors"))
+    weights = load_file(trained_weights_file(folder))
+    if hasattr(net, "peft_config"):
+        set_peft_model_state_dict(net, weights)
+    else:  # a full fine-tune: save_pretrained left out the output layer tied to the embeddings
+        missing = net.load_state_dict(weights, strict=False).missing_keys
+        tied = {"lm_head.weight"} if net.config.tie_word_embeddings else set()
+        if set(missing) - tied:
+            raise UsageError(f"{folder} lacks {missing[0]}: start the run again with --overwrite")
     if not state.get("full_optimizer"):  # an FSDP checkpoint's goes in after prepare
         optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
@@ -869,6 +894,21 @@ def check_limits(field, value):
         if below is not None:
             wanted = f"an integer in [{least}, 2**{below.bit_length() - 1})"
         raise UsageError(f"--{field.name.replace('_', '-')} must be {wanted}, got {value}")
+
+
+def check_full_fine_tuning(s, sharded):
+    """--lora-r 0 trains every weight (the paper's own setting), which the 4-bit and 8-bit base
+    cannot (their weights are frozen integers), bf16 and fp16 weights cannot well (AdamW's small
+    updates round away), and this kit does not shard (`sharded`: an FSDP launch)."""
+    if s.lora_r != 0:
+        return
+    if s.quant != "none" or dtype_choice(s.dtype) != "float32":
+        raise UsageError("--lora-r 0 (full fine-tuning) needs --quant none --dtype float32")
+    if s.lora_layers is not None or sharded:
+        raise UsageError(
+            "--lora-r 0 trains every weight of every layer on one device: drop "
+            "--lora-layers and the FSDP launch, or choose a LoRA rank"
+        )
 
 
 def check_positive_int(name, value, optional=False):

@@ -293,7 +293,7 @@ def study_run(run_dir, training, evaluation, progress):
     """Train and evaluate one run of a study, or pick it up where it stopped: a finished run is
     skipped, an interrupted one resumed, an evaluation redone if it is missing."""
     run_dir = Path(run_dir)
-    if not (run_dir / "adapter" / "adapter_config.json").exists():
+    if not runfiles.trained_marker(run_dir, training.get("lora_r")).exists():
         resume = runfiles.latest_checkpoint(run_dir) is not None
         overwrite = not resume and runfiles.is_run_folder(run_dir)
         hf.hyperfit(

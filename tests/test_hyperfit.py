@@ -5,12 +5,13 @@ import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import tiny_run
+from conftest import TINY_RUN, tiny_run
 
 import engine
 import hyperfit
@@ -361,3 +362,82 @@ def test_the_quick_check_runs_the_chain_and_prints_each_sign(
     assert any(
         line.startswith("quick check: ") and "signs as in the paper" in line for line in lines
     )
+
+
+def tied_model(tiny_model_dir, folder):
+    """The tiny Llama with its output layer tied to the embeddings, as SmolLM2's is."""
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(tiny_model_dir, folder)
+    net = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    net.config.tie_word_embeddings = True
+    net.lm_head.weight = net.model.embed_tokens.weight
+    net.save_pretrained(folder)
+    return str(folder)
+
+
+def test_full_fine_tuning_trains_every_weight_resumes_exactly_and_evaluates(
+    tiny_model_dir, tiny_data, tmp_path, monkeypatch
+):
+    """--lora-r 0 (the paper's own setting): every weight moves, the tied output layer stays
+    tied, the run saves model/ (a model folder of its own), a resumed run equals an uninterrupted
+    one to the bit, and evaluate.py loads the original and the tuned model apart."""
+    from safetensors.torch import load_file
+
+    import evaluate
+
+    model = tied_model(tiny_model_dir, tmp_path / "tied")
+    full = dict(quant="none", dtype="float32", lora_r=0, lr=1e-3, epochs=2, eval_every=3)
+    straight = tiny_run(model, tiny_data, tmp_path, "straight", **full)
+    assert not (straight / "adapter").exists()
+    tuned = load_file(straight / "model" / "model.safetensors")
+    before = load_file(Path(model) / "model.safetensors")
+    assert "lm_head.weight" not in tuned  # tied: saved once, as the embeddings
+    assert all(not torch.equal(tuned[k], before[k]) for k in before if "norm" not in k), "frozen?"
+
+    real_batches, calls = hyperfit.global_batches, []
+
+    def batches_then_interrupt(*args):
+        calls.append(args)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_batches(*args)
+
+    monkeypatch.setattr(hyperfit, "global_batches", batches_then_interrupt)
+    with pytest.raises(runfiles.RunInterrupted, match="interrupted at step 4/6"):
+        tiny_run(model, tiny_data, tmp_path, "resumed", **full)
+    monkeypatch.setattr(hyperfit, "global_batches", real_batches)
+    resumed = tiny_run(model, tiny_data, tmp_path, "resumed", resume=True, **full)
+    again = load_file(resumed / "model" / "model.safetensors")
+    assert tuned.keys() == again.keys() and all(torch.equal(tuned[k], again[k]) for k in tuned)
+    assert_close_records(metrics_without_timings(resumed), metrics_without_timings(straight), 0)
+
+    summary = evaluate.evaluate(
+        straight, modes="original_greedy,hyperfitted_greedy", num_prompts=4, new_tokens=12,
+        batch_size=4, sharpness_seqs=2, out_dir=tmp_path / "eval", progress=False,
+    )  # fmt: skip
+    sharp = summary["sharpness"]
+    assert sharp["hyperfitted"]["loss"] != sharp["original"]["loss"]
+    bare = evaluate.evaluate(
+        None, model=model, data=tiny_data, modes="original_greedy", num_prompts=4, new_tokens=12,
+        batch_size=4, sharpness_seqs=2, out_dir=tmp_path / "bare", progress=False,
+        quant="none", dtype="float32",
+        **{k: TINY_RUN[k] for k in ("seq_len", "num_train", "num_val", "prompt_len")},
+    )  # fmt: skip
+    assert bare["sharpness"]["original"]["loss"] == sharp["original"]["loss"]  # the original
+
+
+@pytest.mark.parametrize(
+    "wrong, says",
+    [
+        (dict(quant="4bit", dtype="float32"), "needs --quant none --dtype float32"),
+        (dict(quant="none", dtype="bfloat16"), "needs --quant none --dtype float32"),
+        (dict(quant="none", dtype="float32", lora_layers=1), "drop --lora-layers"),
+    ],
+)
+def test_full_fine_tuning_refuses_what_it_cannot_train(
+    tiny_model_dir, tiny_data, tmp_path, wrong, says
+):
+    with pytest.raises(runfiles.UsageError, match=says):
+        tiny_run(tiny_model_dir, tiny_data, tmp_path, "refused", lora_r=0, **wrong)
+    assert not (tmp_path / "refused").exists()  # refused before anything is written
