@@ -366,13 +366,15 @@ def save(run):
 def save_trained(run):
     """The finished run's LoRA adapter in run_dir/adapter/ (written beside it, then renamed),
     whole also under FSDP: it loads onto one device like any adapter. After a full fine-tune
-    (--lora-r 0), the whole model in run_dir/model/, which loads like any model folder."""
+    (--lora-r 0), the whole model and its tokenizer in run_dir/model/, a model folder."""
     weights, _ = full_states(run)
     if run.is_main():
         name = "adapter" if hasattr(run.unwrapped, "peft_config") else "model"
         final, tmp = run.run_dir / name, run.run_dir / f"{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         run.unwrapped.save_pretrained(tmp, state_dict=weights)
+        if name == "model":  # a complete model folder: --model takes it as it takes any
+            run.tokenizer.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     run.accelerator.wait_for_everyone()

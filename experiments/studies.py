@@ -86,6 +86,8 @@ FRONTIER_RUNS = dict(  # name: settings on top of FRONTIER_TRAINING and the pres
     gentle=dict(lr=1e-3, num_train=32, epochs=20),  # half the lr, twice the steps (80)
     seq128=dict(lr=2e-3, num_train=32, epochs=10, seq_len=128),  # twice the tokens a sequence
     rank4=dict(lr=2e-3, num_train=32, epochs=10, lora_r=4, lora_alpha=8),  # a quarter the rank
+    # every weight trains, as in the paper (lr: a one-seed pilot, docs/studies.md)
+    full=dict(lr=2e-4, num_train=32, epochs=10, lora_r=0, quant="none", dtype="float32"),
 )
 # `frontier` without --settings: the four of results/studies/frontier; the others beside base
 # in their own folders (docs/studies.md)

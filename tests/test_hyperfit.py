@@ -393,6 +393,8 @@ def test_full_fine_tuning_trains_every_weight_resumes_exactly_and_evaluates(
     tuned = load_file(straight / "model" / "model.safetensors")
     before = load_file(Path(model) / "model.safetensors")
     assert "lm_head.weight" not in tuned  # tied: saved once, as the embeddings
+    net, _ = hyperfit.load_model(str(straight / "model"), "none", device="cpu", dtype="float32")
+    assert net.lm_head.weight is net.model.embed_tokens.weight  # --model takes the folder
     assert all(not torch.equal(tuned[k], before[k]) for k in before if "norm" not in k), "frozen?"
 
     real_batches, calls = hyperfit.global_batches, []
