@@ -441,12 +441,11 @@ def disk_full(error, folder):
 
 def save_checkpoint(run_dir, net, optimizer, scaler, state, weights=None, optimizer_state=None):
     """Save the trained weights (trained_weights_file), optimizer, loss scaler, RNG states and
-    `state` (step, loss sums, elapsed)
-    to run_dir/checkpoint/: written to checkpoint.tmp/ and renamed, so a kill at any moment keeps
-    the last good checkpoint. Leftovers of an earlier killed save are cleared first; a full disk
-    is a UsageError that says the last checkpoint is intact. `weights` and `optimizer_state`:
-    what FSDP gathered whole (the optimizer's keyed by parameter name; load_checkpoint leaves it
-    to be loaded after accelerate's prepare)."""
+    `state` (step, loss sums, elapsed) to run_dir/checkpoint/: written to checkpoint.tmp/ and
+    renamed, so a kill at any moment keeps the last good checkpoint. Leftovers of an earlier
+    killed save are cleared first; a full disk is a UsageError that says the last checkpoint is
+    intact. `weights` and `optimizer_state`: what FSDP gathered whole (the optimizer's keyed by
+    parameter name; load_checkpoint leaves it to be loaded after accelerate's prepare)."""
     final, tmp, old = (Path(run_dir) / f"checkpoint{end}" for end in ("", ".tmp", ".old"))
     shutil.rmtree(tmp, ignore_errors=True)
     if final.exists():  # a complete checkpoint: an old one beside it is stale

