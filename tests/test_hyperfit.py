@@ -37,6 +37,20 @@ def assert_same_adapter(a_dir, b_dir, tol=1e-6, folder="adapter"):
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= tol
 
 
+class InterruptAt:
+    """hyperfit.global_batches, with SIGINT sent while optimizer step `step` computes (each step
+    asks for its batch once): the step finishes, then the run saves and stops."""
+
+    def __init__(self, step):
+        self.step, self.calls, self.batches = step, 0, hyperfit.global_batches
+
+    def __call__(self, *args):
+        self.calls += 1
+        if self.calls == self.step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return self.batches(*args)
+
+
 def assert_close_records(xs, ys, tol=1e-6):
     assert len(xs) == len(ys) > 0
     for x, y in zip(xs, ys):
@@ -188,23 +202,13 @@ def test_adapter_save_and_reload_gives_identical_logits_and_generations(tiny_mod
 def test_interrupt_and_resume_equals_an_uninterrupted_run(
     tiny_model_dir, tiny_data, tmp_path, monkeypatch
 ):
-    import os
-    import signal
-
     settings = dict(epochs=3, eval_every=2)  # 24 sequences / batch 8 = 3 steps per epoch, 9 steps
     straight = tiny_run(tiny_model_dir, tiny_data, tmp_path, "straight", **settings)
 
     # SIGINT arrives while step 5 computes (epoch 2, mid-epoch): the step finishes, then the run
     # saves and stops
-    real_batches, calls = hyperfit.global_batches, []
-
-    def batches_then_interrupt(*args):
-        calls.append(args)
-        if len(calls) == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_batches(*args)
-
-    monkeypatch.setattr(hyperfit, "global_batches", batches_then_interrupt)
+    interrupt = InterruptAt(5)
+    monkeypatch.setattr(hyperfit, "global_batches", interrupt)
     # what was there before (SIG_IGN, not Python's handler, where the shell started pytest in the
     # background)
     handler_before = signal.getsignal(signal.SIGINT)
@@ -213,7 +217,7 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(
     assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
     state = torch.load(tmp_path / "resumed" / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["step"] == 5 and not (tmp_path / "resumed" / "adapter").exists()
-    monkeypatch.setattr(hyperfit, "global_batches", real_batches)
+    monkeypatch.setattr(hyperfit, "global_batches", interrupt.batches)
 
     resumed = tiny_run(tiny_model_dir, tiny_data, tmp_path, "resumed", resume=True, **settings)
     assert_close_records(metrics_without_timings(resumed), metrics_without_timings(straight))
@@ -397,18 +401,11 @@ def test_full_fine_tuning_trains_every_weight_resumes_exactly_and_evaluates(
     assert net.lm_head.weight is net.model.embed_tokens.weight  # --model takes the folder
     assert all(not torch.equal(tuned[k], before[k]) for k in before if "norm" not in k), "frozen?"
 
-    real_batches, calls = hyperfit.global_batches, []
-
-    def batches_then_interrupt(*args):
-        calls.append(args)
-        if len(calls) == 4:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_batches(*args)
-
-    monkeypatch.setattr(hyperfit, "global_batches", batches_then_interrupt)
+    interrupt = InterruptAt(4)
+    monkeypatch.setattr(hyperfit, "global_batches", interrupt)
     with pytest.raises(runfiles.RunInterrupted, match="interrupted at step 4/6"):
         tiny_run(model, tiny_data, tmp_path, "resumed", **full)
-    monkeypatch.setattr(hyperfit, "global_batches", real_batches)
+    monkeypatch.setattr(hyperfit, "global_batches", interrupt.batches)
     resumed = tiny_run(model, tiny_data, tmp_path, "resumed", resume=True, **full)
     again = load_file(resumed / "model" / "model.safetensors")
     assert tuned.keys() == again.keys() and all(torch.equal(tuned[k], again[k]) for k in tuned)
