@@ -519,12 +519,11 @@ class Nets:
 def load_nets(setup, device, dense, tokenizer=None):
     """Load the run's base model and adapter (or fully tuned model) once; `dense` None means:
     dense copies on a CPU. `tokenizer`: evaluate()'s, so it is not loaded a second time."""
-    nets = []
-    for model, adapter in [(setup["model"], setup["adapter"]), (setup["tuned_model"], None)]:
-        if model is not None:
-            quant = "none" if model is setup["tuned_model"] else setup["quant"]
-            net, _ = hf.load_model(model, quant, adapter, device, setup["dtype"], tokenizer)
-            nets.append(net.eval())
+    loads = [(setup["model"], setup["quant"], setup["adapter"])]
+    if setup["tuned_model"]:  # a full fine-tune: the hyperfitted model is a model of its own
+        loads.append((setup["tuned_model"], "none", None))
+    dtype = setup["dtype"]
+    nets = [hf.load_model(m, q, a, device, dtype, tokenizer)[0].eval() for m, q, a in loads]
     dense = (runfiles.pick_device(device).type == "cpu") if dense is None else dense
     return Nets(nets[0], dense, *nets[1:])
 
