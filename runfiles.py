@@ -493,8 +493,8 @@ def load_checkpoint(folder, net, optimizer, scaler):
     else:  # a full fine-tune: save_pretrained left out the output layer tied to the embeddings
         missing = net.load_state_dict(weights, strict=False).missing_keys
         tied = {"lm_head.weight"} if net.config.tie_word_embeddings else set()
-        if set(missing) - tied:
-            raise UsageError(f"{folder} lacks {missing[0]}: start the run again with --overwrite")
+        if lacking := sorted(set(missing) - tied):
+            raise UsageError(f"{folder} lacks {lacking[0]}: start the run again with --overwrite")
     if not state.get("full_optimizer"):  # an FSDP checkpoint's goes in after prepare
         optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])

@@ -181,8 +181,8 @@ def run_study(study, out_dir=None, training=None, evaluation=None, progress=True
     command = ["python", "experiments/studies.py", study.replace("_", "-")] + study_flags(
         study, training, evaluation, plan
     )
-    if out_dir.parent != Path(runfiles.absolute_path("results/studies")):  # not the default
-        command += ["--out-dir", runfiles.portable_path(str(out_dir.parent))]
+    if (where := runfiles.portable_path(out_dir.parent)) != "results/studies":  # not the default
+        command += ["--out-dir", where]
     result = dict(
         study=study,
         training=training,
