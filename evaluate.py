@@ -98,16 +98,16 @@ class Options:
 
     model: str = setting(None, "base model: a preset, folder or hub id (default: the run's)")
     modes: str = setting(None, "comma-separated decoding modes (default: all that apply)")
-    num_prompts: int = setting(None, "held-out prompts (default: 32 on a CPU, 300 on a GPU)")
-    new_tokens: int = setting(None, "new tokens per prompt (default: 128 on a CPU, 256 on a GPU)")
-    sharpness_seqs: int = setting(None, "validation sequences for sharpness (default: 16 / 128)")
-    block_ngrams: int = setting(5, "citation blocking: forbid the training n-grams of this n")
+    num_prompts: int = setting(None, "held-out prompts (default: 32 CPU, 300 GPU)", least=1)
+    new_tokens: int = setting(None, "new tokens per prompt (default: 128 CPU, 256 GPU)", least=1)
+    sharpness_seqs: int = setting(None, "validation sequences of sharpness (16 / 128)", least=1)
+    block_ngrams: int = setting(5, "citation blocking: forbid training n-grams of n", least=1)
     top_p: float = setting(0.9, "original_top_p: nucleus mass (the paper's)")
     temperature: float = setting(0.7, "original_top_p: temperature (the paper's)")
     top_k: int = setting(50, "original_top_p: top-k, 0 = off (the paper's)")
-    batch_size: int = setting(128, "continuations generated at once (modes share them)")
+    batch_size: int = setting(128, "continuations generated at once (modes share them)", least=1)
     seed: int = setting(0, "sampling seed", least=0, below=hf.SEED_LIMIT)
-    quant: str = setting(None, "base weights: 4bit, 8bit or none (default: the run's)")
+    quant: str = setting(None, "base weights (default: the run's)", choices=hf.QUANTS)
     dtype: str = setting(None, "compute dtype (default: the run's)")
     device: str = setting(None, "cpu or cuda (default: cuda if there is one)")
     dense: bool = setting(None, "generate with dense copies of the models (default: on a CPU)")
@@ -134,8 +134,6 @@ def resolve_options(given, device):
     for name, values in DEVICE_DEFAULTS.items():
         if getattr(options, name) is None:
             setattr(options, name, values[kind])
-    for name in ("num_prompts", "new_tokens", "sharpness_seqs", "batch_size", "block_ngrams"):
-        runfiles.check_positive_int(name, getattr(options, name))
     for field in dataclasses.fields(Options):  # the seed: MAUVE fails on it only after generating
         runfiles.check_limits(field, getattr(options, field.name))
     o = options
@@ -152,8 +150,6 @@ def resolve_options(given, device):
             f"--mauve-features {o.mauve_features}: choose original, or a gpt2 or bert "
             "model of the hub (gpt2-large is MAUVE's standard)"
         )
-    if o.quant is not None and o.quant not in ("4bit", "8bit", "none"):
-        raise UsageError(f"--quant {o.quant}: choose 4bit, 8bit or none")
     return options
 
 

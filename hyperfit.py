@@ -54,14 +54,16 @@ UsageError, NumericalError = runfiles.UsageError, runfiles.NumericalError
 # settings: one definition each; the command line, the Python call and --help come from it
 
 
-def setting(default, help, paper=False, least=None, below=None):
+def setting(default, help, paper=False, least=None, below=None, choices=None):
     """One setting: its default (the paper's protocol where `paper`, else the kit's), its --help
-    text, and its limits: least <= value (< below). Its annotation in Settings is its type."""
-    limits = dict(least=least, below=below)
+    text, and its limits: least <= value (< below), or one of `choices`. Its annotation in
+    Settings is its type."""
+    limits = dict(least=least, below=below, choices=choices)
     return dataclasses.field(default=default, metadata=dict(help=help, paper=paper, **limits))
 
 
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (torch.Generator takes 64-bit seeds)
+QUANTS = ("4bit", "8bit", "none")  # the base weights: NF4 with double quantization, int8, as is
 
 
 @dataclasses.dataclass
@@ -77,7 +79,7 @@ class Settings:
     data: str = setting("data/fiction", "a .txt, a .jsonl of {'text'}, a folder of .txt, hf:<set>")
     run_name: str = setting(None, "the run's folder (default: the preset's or model's name)")
     out_dir: str = setting("results", "the folder that holds run folders")
-    quant: str = setting("4bit", "base weights: 4bit (NF4, double quantization), 8bit or none")
+    quant: str = setting("4bit", "base weights: 4bit (NF4), 8bit or none", choices=QUANTS)
     dtype: str = setting("auto", "compute dtype: auto, float32, bfloat16, float16")
     epochs: int = setting(20, "passes over the training set", paper=True, least=1)
     batch_size: int = setting(8, "global batch: sequences per optimizer step", paper=True, least=1)
@@ -161,8 +163,6 @@ def check_settings(s):
         raise UsageError(f"--prompt-len {s.prompt_len} must be below --seq-len {s.seq_len}")
     if s.num_prompts > s.num_val:  # the prompts are the starts of validation sequences
         raise UsageError(f"--num-prompts {s.num_prompts} cannot exceed --num-val {s.num_val}")
-    if s.quant not in ("4bit", "8bit", "none"):
-        raise UsageError(f"--quant {s.quant}: choose 4bit, 8bit or none")
     if runfiles.dtype_choice(s.dtype) is None:
         raise UsageError(f"--dtype {s.dtype}: choose auto, float32, bfloat16 or float16")
     runfiles.check_run_name(s.run_name)
@@ -606,11 +606,7 @@ def global_batches(num_sequences, batch_size, order_seed, epoch):
 
 
 # -----------------------------------------------------------------------------
-# generation and next-token statistics (evaluate.py uses the same functions)
-
-
-# -----------------------------------------------------------------------------
-# files, paths, devices, compute dtypes, the machine
+# the run folder and the command line
 
 
 def run_folder_of(given):
@@ -621,10 +617,6 @@ def run_folder_of(given):
     if name is None:
         name = runfiles.default_run_name(given.get("model") or Settings.model, PRESETS)
     return Path(runfiles.absolute_path(out_dir)) / runfiles.check_run_name(name)
-
-
-# -----------------------------------------------------------------------------
-# command line
 
 
 def build_parser():

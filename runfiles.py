@@ -883,9 +883,15 @@ class StopRequest:
 
 def check_limits(field, value):
     """A setting's value within the limits of its own definition (its metadata `least` and
-    `below`, a power of two; None allowed where the default is None), else a UsageError."""
-    least, below = field.metadata.get("least"), field.metadata.get("below")
-    if least is None or (value is None and field.default is None):
+    `below`, a power of two, or `choices`; None allowed where the default is None), else a
+    UsageError."""
+    least, below, choices = (field.metadata.get(k) for k in ("least", "below", "choices"))
+    if value is None and field.default is None:
+        return
+    if choices is not None and value not in choices:
+        listed = f"{', '.join(choices[:-1])} or {choices[-1]}"
+        raise UsageError(f"--{field.name.replace('_', '-')} {value}: choose {listed}")
+    if least is None:
         return
     wrong = isinstance(value, bool) or not isinstance(value, int) or value < least
     if wrong or (below is not None and value >= below):
