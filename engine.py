@@ -23,7 +23,7 @@ import torch
 import torch.utils.checkpoint
 
 try:  # the run folders' plumbing: runfiles.py
-    from runfiles import UsageError, net_dtype, save_checkpoint
+    from runfiles import UsageError, net_dtype, save_checkpoint, trained_marker
 except ModuleNotFoundError:  # pasted into a notebook after runfiles.py's cell: its names are here
     pass
 
@@ -369,11 +369,11 @@ def save_trained(run):
     (--lora-r 0), the whole model and its tokenizer in run_dir/model/, a model folder."""
     weights, _ = full_states(run)
     if run.is_main():
-        name = "adapter" if hasattr(run.unwrapped, "peft_config") else "model"
-        final, tmp = run.run_dir / name, run.run_dir / f"{name}.tmp"
+        final = trained_marker(run.run_dir, run.settings.lora_r).parent  # adapter/ or model/
+        tmp = final.with_name(f"{final.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         run.unwrapped.save_pretrained(tmp, state_dict=weights)
-        if name == "model":  # a complete model folder: --model takes it as it takes any
+        if run.settings.lora_r == 0:  # a complete model folder: --model takes it as it takes any
             run.tokenizer.save_pretrained(tmp)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

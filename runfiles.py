@@ -756,8 +756,9 @@ def memory_message(run):
 
 def describe_settings(settings, run_dir, changes):
     """The resolved settings, printed at the start of every run (what the run will really do)."""
-    values = dataclasses.asdict(settings)
-    shown = ", ".join(f"{k}={v}" for k, v in values.items() if k not in ("run_name", "out_dir"))
+    hidden = {"run_name", "out_dir"} | ({"lora_alpha"} if settings.lora_r == 0 else set())
+    values = dataclasses.asdict(settings)  # lora_alpha scales LoRA only: a full fine-tune has none
+    shown = ", ".join(f"{k}={v}" for k, v in values.items() if k not in hidden)
     lines = [f"hyperfit: {run_dir}", f"  settings: {shown}"]
     if changes:
         changed = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changes.items())

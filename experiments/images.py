@@ -722,7 +722,10 @@ def evaluate_images(run_dir, num_images=None, seed=0, progress=True):
     folder = args.get("model")
     if not folder or not (Path(folder) / MARKER).exists():
         raise UsageError(f"{run} is not an image run (its model has no {MARKER}): {what}")
-    if not (run / "adapter" / "adapter_config.json").exists():
+    if args.get("lora_r") == 0:
+        raise UsageError(f"{run} is a full fine-tune (lora_r 0): images.py evaluates LoRA runs")
+    marker = runfiles.trained_marker(run, args.get("lora_r"))
+    if not marker.exists():
         raise UsageError(f"{run} has no adapter/ (the run did not finish): finish it with --resume")
     if why := runfiles.foreign_entry(run / "eval", runfiles.EVAL_FILES):  # replaced whole
         raise UsageError(f"{run / 'eval'} {why}: move that away, then evaluate again")
@@ -735,7 +738,7 @@ def evaluate_images(run_dir, num_images=None, seed=0, progress=True):
     )
     with runfiles.RunLock(run, "images.py --evaluate " + str(run_dir)):
         clock = time.time()
-        net, _ = hf.load_model(folder, args["quant"], str(run / "adapter"), dtype=args["dtype"])
+        net, _ = hf.load_model(folder, args["quant"], str(marker.parent), dtype=args["dtype"])
         timing = dict(load_s=round(time.time() - clock, 1))
         completions, sharpness, generation = complete_all(
             net, data, half, preset["eval_batch"], seed, progress
