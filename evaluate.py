@@ -102,9 +102,9 @@ class Options:
     new_tokens: int = setting(None, "new tokens per prompt (default: 128 CPU, 256 GPU)", least=1)
     sharpness_seqs: int = setting(None, "validation sequences of sharpness (16 / 128)", least=1)
     block_ngrams: int = setting(5, "citation blocking: forbid training n-grams of n", least=1)
-    top_p: float = setting(0.9, "original_top_p: nucleus mass (the paper's)")
-    temperature: float = setting(0.7, "original_top_p: temperature (the paper's)")
-    top_k: int = setting(50, "original_top_p: top-k, 0 = off (the paper's)")
+    top_p: float = setting(0.9, "original_top_p: nucleus mass (the paper's)", above=0, most=1)
+    temperature: float = setting(0.7, "original_top_p: temperature (the paper's)", above=0)
+    top_k: int = setting(50, "original_top_p: top-k, 0 = off (the paper's)", least=0)
     batch_size: int = setting(128, "continuations generated at once (modes share them)", least=1)
     seed: int = setting(0, "sampling seed", least=0, below=hf.SEED_LIMIT)
     quant: str = setting(None, "base weights (default: the run's)", choices=hf.QUANTS)
@@ -137,12 +137,6 @@ def resolve_options(given, device):
     for field in dataclasses.fields(Options):  # the seed: MAUVE fails on it only after generating
         runfiles.check_limits(field, getattr(options, field.name))
     o = options
-    wrong_temperature = not (o.temperature > 0 and math.isfinite(o.temperature))  # nan, inf, <= 0
-    if not 0 < o.top_p <= 1 or wrong_temperature or isinstance(o.top_k, bool) or o.top_k < 0:
-        raise UsageError(
-            f"sampling needs 0 < --top-p <= 1, a finite --temperature > 0 and --top-k >= 0 "
-            f"(0 = off); got {o.top_p}, {o.temperature}, {o.top_k}"
-        )
     if o.mauve_features != "original" and not any(
         name in o.mauve_features for name in ("gpt2", "bert")
     ):

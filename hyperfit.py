@@ -54,11 +54,11 @@ UsageError, NumericalError = runfiles.UsageError, runfiles.NumericalError
 # settings: one definition each; the command line, the Python call and --help come from it
 
 
-def setting(default, help, paper=False, least=None, below=None, choices=None):
+def setting(default, help, paper=False, **limits):
     """One setting: its default (the paper's protocol where `paper`, else the kit's), its --help
-    text, and its limits: least <= value (< below), or one of `choices`. Its annotation in
-    Settings is its type."""
-    limits = dict(least=least, below=below, choices=choices)
+    text, and its limits (runfiles.check_limits): an integer's least <= value (< below), a real
+    number's above < value (<= most), or one of `choices`. Its annotation in Settings is its
+    type."""
     return dataclasses.field(default=default, metadata=dict(help=help, paper=paper, **limits))
 
 
@@ -86,7 +86,7 @@ class Settings:
     micro_batch_size: int = setting(None, "sequences per forward (default: batch / GPUs)", least=1)
     # the paper's full fine-tune takes 1e-6; LoRA needs far more, and every preset sets its own
     # (smollm2-135m: 2e-3), so this default only reaches a model given by folder or hub id
-    lr: float = setting(1e-4, "constant AdamW learning rate (paper, full fine-tune: 1e-6)")
+    lr: float = setting(1e-4, "constant AdamW learning rate (paper, full fine-tune: 1e-6)", above=0)
     seq_len: int = setting(256, "tokens per training and validation sequence", paper=True, least=1)
     num_train: int = setting(2000, "training sequences", paper=True, least=1)
     num_val: int = setting(128, "validation sequences", paper=True, least=1)
@@ -157,8 +157,6 @@ def check_settings(s):
     field's own limits (its `least` and `below`), then the rules between settings."""
     for field in dataclasses.fields(Settings):
         runfiles.check_limits(field, getattr(s, field.name))
-    if isinstance(s.lr, bool) or not isinstance(s.lr, (int, float)) or not 0 < s.lr < math.inf:
-        raise UsageError(f"--lr must be a positive finite number, got {s.lr}")
     if s.prompt_len >= s.seq_len:
         raise UsageError(f"--prompt-len {s.prompt_len} must be below --seq-len {s.seq_len}")
     if s.num_prompts > s.num_val:  # the prompts are the starts of validation sequences

@@ -19,6 +19,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -883,15 +884,20 @@ class StopRequest:
 
 
 def check_limits(field, value):
-    """A setting's value within the limits of its own definition (its metadata `least` and
-    `below`, a power of two, or `choices`; None allowed where the default is None), else a
-    UsageError."""
+    """A setting's value within the limits of its own definition (its metadata: `choices`; a real
+    number's `above` and `most`, finite; an integer's `least` and `below`, a power of two; None
+    allowed where the default is None), else a UsageError."""
     least, below, choices = (field.metadata.get(k) for k in ("least", "below", "choices"))
+    above, most = field.metadata.get("above"), field.metadata.get("most", math.inf)
+    flag = "--" + field.name.replace("_", "-")
     if value is None and field.default is None:
         return
     if choices is not None and value not in choices:
-        listed = f"{', '.join(choices[:-1])} or {choices[-1]}"
-        raise UsageError(f"--{field.name.replace('_', '-')} {value}: choose {listed}")
+        raise UsageError(f"{flag} {value}: choose {', '.join(choices[:-1])} or {choices[-1]}")
+    real = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if above is not None and not (real and above < value <= most and math.isfinite(value)):
+        wanted = "a positive finite number" if most == math.inf else f"a number in (0, {most}]"
+        raise UsageError(f"{flag} must be {wanted}, got {value}")
     if least is None:
         return
     wrong = isinstance(value, bool) or not isinstance(value, int) or value < least
@@ -899,7 +905,7 @@ def check_limits(field, value):
         wanted = "a positive integer" if least == 1 else f"an integer of at least {least}"
         if below is not None:
             wanted = f"an integer in [{least}, 2**{below.bit_length() - 1})"
-        raise UsageError(f"--{field.name.replace('_', '-')} must be {wanted}, got {value}")
+        raise UsageError(f"{flag} must be {wanted}, got {value}")
 
 
 def check_full_fine_tuning(s, sharded):
