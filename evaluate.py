@@ -103,7 +103,8 @@ class Options:
     sharpness_seqs: int = setting(None, "validation sequences of sharpness (16 / 128)", least=1)
     block_ngrams: int = setting(5, "citation blocking: forbid training n-grams of n", least=1)
     top_p: float = setting(0.9, "original_top_p: nucleus mass (the paper's)", above=0, most=1)
-    temperature: float = setting(0.7, "original_top_p: temperature (the paper's)", above=0)
+    # below 0.01 sampling is greedy in all but name, and near 1e-38 the scaled fp32 logits overflow
+    temperature: float = setting(0.7, "original_top_p: temperature (the paper's)", above=0.01)
     top_k: int = setting(50, "original_top_p: top-k, 0 = off (the paper's)", least=0)
     batch_size: int = setting(128, "continuations generated at once (modes share them)", least=1)
     seed: int = setting(0, "sampling seed", least=0, below=hf.SEED_LIMIT)
@@ -129,6 +130,8 @@ def resolve_options(given, device):
     names = [field.name for field in dataclasses.fields(Options)]
     if unknown := sorted(set(given) - set(names)):
         raise UsageError(f"unknown option {unknown[0]!r}; options: {', '.join(names)}")
+    if isinstance(given.get("modes"), (list, tuple)):  # a Python call may list them
+        given = dict(given, modes=",".join(map(str, given["modes"])))
     options = Options(**{k: v for k, v in given.items() if v is not None})
     kind = "cuda" if device.type == "cuda" else "cpu"
     for name, values in DEVICE_DEFAULTS.items():
@@ -423,7 +426,8 @@ def check_run_trained(run, run_dir, args):
     marker = runfiles.trained_marker(run, args.get("lora_r"))
     if not marker.exists():
         raise UsageError(
-            f"{run_dir} has no {marker.parent.name}/ (the run did not finish): finish it with "
+            f"{run_dir} has no {marker.relative_to(run)} (the run did not finish, or lost that "
+            "file): finish or repair it with "
             f"python hyperfit.py --run-name {run.name} --out-dir {run.parent} --resume,"
             " or pass --model alone to evaluate the original model"
         )
@@ -825,6 +829,8 @@ def check_out_dir(setup, out_dir):
     )
     out_dir = Path(os.path.abspath(Path(out_dir).expanduser() if out_dir else default))
     out_dir = out_dir.parent.resolve() / out_dir.name  # the folder itself: a link stays a link
+    if not out_dir.name:  # the root
+        raise UsageError(f"--out-dir {out_dir}: an evaluation needs a folder of its own")
     runfiles.recover_eval_folder(out_dir)  # a kill's .eval.old is the last whole one
     inside = run is not None and out_dir.is_relative_to(Path(run).resolve())
     for folder in [out_dir, *out_dir.parents]:
@@ -834,6 +840,14 @@ def check_out_dir(setup, out_dir):
                     f"--out-dir {out_dir} lies inside the run {folder}: evaluate "
                     "into a folder of its own, or into this run's eval/"
                 )
+    for folder in out_dir.parents:  # an evaluation's folder holds no folder of another
+        if (folder / "summary.json").exists() or (
+            inside and folder == Path(run).resolve() / "eval"
+        ):
+            raise UsageError(
+                f"--out-dir {out_dir} lies inside the evaluation folder {folder}: evaluate into "
+                "a folder of its own"
+            )
     why = runfiles.foreign_entry(out_dir, runfiles.EVAL_FILES)
     names = {p.name for p in out_dir.iterdir()} if out_dir.is_dir() and not why else set()
     if not why and names and not inside and not {"summary.json", "generations.jsonl"} & names:
@@ -853,13 +867,19 @@ def check_out_dir(setup, out_dir):
 
 def run_lock(setup, out_dir):
     """The run folder's lock while the evaluation writes into it (a run still training, or a
-    second evaluation, is refused); an --out-dir elsewhere is locked itself."""
-    run = setup["run_dir"]
-    inside = run is not None and out_dir.is_relative_to(Path(run).resolve())
-    return runfiles.RunLock(
-        run if inside else out_dir.parent / f".{out_dir.name}",
-        "evaluate.py " + " ".join(sys.argv[1:]),
-    )
+    second evaluation, is refused); an --out-dir elsewhere is locked in a folder beside it
+    (.<name>/: the out-dir itself is replaced whole), which must hold no one else's files."""
+    run, command = setup["run_dir"], "evaluate.py " + " ".join(sys.argv[1:])
+    if run is not None and out_dir.is_relative_to(Path(run).resolve()):
+        return runfiles.RunLock(run, command)
+    folder = out_dir.parent / f".{out_dir.name}"
+    holder = runfiles.RunLock.holder_info(folder / runfiles.LOCK_FILE).get("command")
+    ours = not (folder / runfiles.LOCK_FILE).exists() or str(holder).startswith("evaluate.py")
+    if runfiles.foreign_entry(folder, {runfiles.LOCK_FILE}) or not ours:
+        raise UsageError(
+            f"{folder} is not the kit's lock folder: move it away or choose another --out-dir"
+        )
+    return runfiles.RunLock(folder, command)
 
 
 def run_evaluation(setup, data, modes, options, tokenizer, device, progress):
@@ -1019,7 +1039,8 @@ def build_parser():
 def main(argv=None):
     """The command line: returns the exit code (0 done, 2 bad input, 130 interrupted); errors
     are one line on stderr."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # both unwind: the lock and temporary files go
+        signal.signal(signum, signal.default_int_handler)
     try:
         args = vars(build_parser().parse_args(argv))
         summary = evaluate(**args)
@@ -1031,8 +1052,9 @@ def main(argv=None):
             "evaluate.py: interrupted; the earlier evaluation, if any, is intact", file=sys.stderr
         )
         return 130
-    folder = args["run_dir"] or Path(summary["args"]["out_dir"]).parent  # a bare model's folder
-    next_step = f"python plot.py {folder}"
+    next_step = f"python plot.py {args['run_dir']}"  # it draws a run; a bare model has no curves
+    if not args["run_dir"]:
+        next_step = "compare its summary.json with a run's: python plot.py draws runs only"
     print(
         f"done in {summary['timing_s']['total_s']:.0f}s: {summary['args']['out_dir']} "
         f"(next: {next_step})"

@@ -144,6 +144,8 @@ def new_settings(given):
     Paths given here are relative to the working directory; they are recorded portably."""
     given = {k: v for k, v in given.items() if v is not None}
     settings = dataclasses.replace(defaults_for(given.get("model", Settings.model)), **given)
+    if settings.lora_r == 0 and "lora_layers" not in given:  # a preset's LoRA layers: no LoRA
+        settings.lora_layers = None
     for name in ("data", "out_dir"):
         if name in given:
             setattr(settings, name, runfiles.portable_path(given[name]))
@@ -181,6 +183,9 @@ def hyperfit(model=None, *, resume=False, overwrite=False, progress=True, **sett
     given = dict(settings, model=model)
     if unknown := sorted(set(given) - set(setting_names())):
         raise UsageError(f"unknown setting {unknown[0]!r}; settings: {', '.join(setting_names())}")
+    for field in dataclasses.fields(Settings):  # before the run folder is named from them
+        if given.get(field.name) is not None:
+            runfiles.check_limits(field, given[field.name])
     if resume and overwrite:
         raise UsageError("--resume continues a run and --overwrite replaces it: choose one")
     run_dir = run_folder_of(given)
@@ -230,10 +235,8 @@ def train(run, stop):
         run.step += 1
         run.loss_sum, run.loss_count = run.loss_sum + loss, run.loss_count + 1
         if run.is_main():  # every step's loss: the training curve's points (steps.jsonl)
-            lr, epoch = (
-                run.optimizer.param_groups[0]["lr"],
-                round(run.step / run.steps_per_epoch, 4),
-            )
+            lr = run.optimizer.param_groups[0]["lr"]  # what the optimizer used, not the setting
+            epoch = round(run.step / run.steps_per_epoch, 4)
             record = dict(step=run.step, epoch=epoch, train_loss=loss, lr=lr)
             runfiles.append_jsonl(run.run_dir / "steps.jsonl", record)
         run.bar.stepped(time.time() - started, loss)  # the bar's ETA counts validations too

@@ -266,11 +266,14 @@ def check_run_name(name):
 
 
 def default_run_name(model, presets=()):
-    """A preset's name, else the name of the model's folder (or the last part of a hub id)."""
+    """A preset's name, else the name of the model's folder (or the last part of a hub id); a full
+    fine-tune's model/ is named after its run too (<run>-model: every such folder is "model")."""
     if model in presets:
         return model
     path = Path(str(model)).expanduser()
     name = path.resolve().name if path.exists() else str(model).rstrip("/").split("/")[-1]
+    if path.exists() and is_run_folder(path.resolve().parent):
+        name = f"{path.resolve().parent.name}-{name}"
     try:
         return check_run_name(name)
     except UsageError:
@@ -325,7 +328,8 @@ def trained_weights_file(folder):
 
 def check_writable_run_dir(run_dir):
     """Refuse, before taking its lock, a run folder that is not a folder, a folder this kit did
-    not make for a run, an unwritable place or a nearly full disk (nothing is written here)."""
+    not make for a run, one inside another run (whose --overwrite would delete it), an
+    unwritable place or a nearly full disk (nothing is written here)."""
     run_dir = Path(run_dir)
     if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
         raise UsageError(f"{run_dir} exists and is not a folder; choose another --run-name")
@@ -334,6 +338,8 @@ def check_writable_run_dir(run_dir):
             f"{run_dir} exists and is not a hyperfit run; --overwrite replaces only "
             "runs: choose another --run-name or --out-dir"
         )
+    if outer := next((f for f in run_dir.parents if is_run_folder(f)), None):  # its --overwrite
+        raise UsageError(f"{run_dir} lies inside the run {outer}: choose an --out-dir outside it")
     parent = run_dir
     while not parent.exists():  # the nearest existing folder is where we would write
         parent = parent.parent
@@ -350,8 +356,8 @@ def check_run_dir(run_dir, resume, overwrite):
     holding a run is replaced only with --overwrite."""
     if resume and latest_checkpoint(run_dir) is None:
         raise UsageError(
-            f"--resume: {run_dir} has no checkpoint to resume from (it stopped before "
-            "its first save); start it again with --overwrite"
+            f"--resume: {run_dir} has no whole checkpoint to resume from (it stopped before "
+            "its first save, or checkpoint/ lost a file); start it again with --overwrite"
         )
     if not resume and not overwrite and not is_empty_run_folder(run_dir):
         raise UsageError(
@@ -474,6 +480,18 @@ def save_checkpoint(run_dir, net, optimizer, scaler, state, weights=None, optimi
     shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_file(path, load, **options):
+    """load(path, **options); a file it refuses (a pickle that would run code) or cannot read (a
+    truncated file) is a UsageError."""
+    try:
+        return load(path, **options)
+    except Exception as e:  # pickle.UnpicklingError, safetensors' errors: crafted or damaged
+        raise UsageError(
+            f"{path} is not a checkpoint this kit wrote, or is damaged ({e.__class__.__name__}); "
+            "start the run again with --overwrite"
+        ) from None
+
+
 def load_checkpoint(folder, net, optimizer, scaler):
     """Restore what save_checkpoint wrote into `net`, `optimizer` and `scaler`; returns the state.
     Nothing in it is unpickled as code: torch.load(weights_only=True) reads tensors and plain
@@ -481,14 +499,8 @@ def load_checkpoint(folder, net, optimizer, scaler):
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    try:
-        state = torch.load(Path(folder) / "trainer_state.pt", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError and friends: a crafted or corrupt file
-        raise UsageError(
-            f"{folder}/trainer_state.pt is not a checkpoint this kit wrote "
-            f"({e.__class__.__name__}); start the run again with --overwrite"
-        ) from None
-    weights = load_file(trained_weights_file(folder))
+    state = checkpoint_file(Path(folder) / "trainer_state.pt", torch.load, weights_only=True)
+    weights = checkpoint_file(trained_weights_file(folder), load_file)
     if hasattr(net, "peft_config"):
         set_peft_model_state_dict(net, weights)
     else:  # a full fine-tune: save_pretrained left out the output layer tied to the embeddings
@@ -884,19 +896,30 @@ class StopRequest:
 
 
 def check_limits(field, value):
-    """A setting's value within the limits of its own definition (its metadata: `choices`; a real
-    number's `above` and `most`, finite; an integer's `least` and `below`, a power of two; None
-    allowed where the default is None), else a UsageError."""
+    """A setting's value of its type (a str setting takes a path too) within the limits of its
+    own definition (its metadata: `choices`; a real number's `above` and `most`, finite; an
+    integer's `least` and `below`, a power of two; None allowed where the default is None), else
+    a UsageError."""
     least, below, choices = (field.metadata.get(k) for k in ("least", "below", "choices"))
     above, most = field.metadata.get("above"), field.metadata.get("most", math.inf)
     flag = "--" + field.name.replace("_", "-")
     if value is None and field.default is None:
         return
+    kinds = {str: (str, os.PathLike), bool: (bool,)}.get(
+        field.type
+    )  # a Python call passes anything
+    if kinds and not isinstance(value, kinds):
+        wanted = "text (or a path)" if field.type is str else "True or False"
+        raise UsageError(f"{flag} must be {wanted}, got {value!r}")
     if choices is not None and value not in choices:
         raise UsageError(f"{flag} {value}: choose {', '.join(choices[:-1])} or {choices[-1]}")
     real = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if above is not None and not (real and above < value <= most and math.isfinite(value)):
-        wanted = "a positive finite number" if most == math.inf else f"a number in (0, {most}]"
+    finite = real and abs(value) <= sys.float_info.max  # nan, inf and 10**400 are not
+    if above is not None and not (finite and above < value <= most):
+        if most < math.inf:
+            wanted = f"a number in ({above}, {most}]"
+        else:
+            wanted = "a positive finite number" if above == 0 else f"a finite number above {above}"
         raise UsageError(f"{flag} must be {wanted}, got {value}")
     if least is None:
         return

@@ -570,9 +570,10 @@ def test_a_mauve_featurizer_that_cannot_load_is_one_line_before_any_generation(
     [
         (["--seed", "-1"], "--seed must be an integer in [0, 2**63), got -1"),
         (["--seed", "99999999999999999999999"], "--seed must be an integer in [0, 2**63)"),
-        (["--temperature", "inf"], "--temperature must be a positive finite number, got inf"),
-        (["--temperature", "nan"], "--temperature must be a positive finite number, got nan"),
-        (["--temperature", "0"], "--temperature must be a positive finite number, got 0.0"),
+        (["--temperature", "inf"], "--temperature must be a finite number above 0.01, got inf"),
+        (["--temperature", "nan"], "--temperature must be a finite number above 0.01, got nan"),
+        (["--temperature", "0"], "--temperature must be a finite number above 0.01, got 0.0"),
+        (["--temperature", "1e-310"], "above 0.01, got 1e-310"),  # a traceback after loading
         (["--top-p", "0"], "--top-p must be a number in (0, 1], got 0.0"),
         (["--top-p", "1.5"], "--top-p must be a number in (0, 1], got 1.5"),
         (["--top-k", "-1"], "--top-k must be an integer of at least 0, got -1"),
@@ -605,7 +606,7 @@ def test_a_seed_or_temperature_out_of_range_is_refused_before_any_work(
             lambda run: (
                 [p.unlink() for p in (run / "adapter").iterdir()] and (run / "adapter").rmdir()
             ),
-            "has no adapter/ (the run did not finish)",
+            "has no adapter/adapter_config.json (the run did not finish, or lost that file)",
         ),
     ],
 )

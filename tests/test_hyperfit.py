@@ -440,3 +440,13 @@ def test_full_fine_tuning_refuses_what_it_cannot_train(
     with pytest.raises(runfiles.UsageError, match=says):
         tiny_run(tiny_model_dir, tiny_data, tmp_path, "refused", lora_r=0, **wrong)
     assert not (tmp_path / "refused").exists()  # refused before anything is written
+
+
+def test_a_full_fine_tune_of_a_late_stage_lora_preset_drops_its_lora_layers():
+    """qwen2.5-1.5b's preset sets lora_layers 5 (late-stage LoRA): --lora-r 0 on it was refused
+    as "drop --lora-layers", an option the user had not given and could not unset."""
+    full = dict(model="qwen2.5-1.5b", lora_r=0, quant="none", dtype="float32")
+    assert hyperfit.new_settings(full).lora_layers is None
+    assert hyperfit.new_settings(dict(model="qwen2.5-1.5b")).lora_layers == 5  # LoRA keeps them
+    with pytest.raises(runfiles.UsageError, match="drop --lora-layers"):  # given: refused
+        hyperfit.new_settings(dict(full, lora_layers=2))

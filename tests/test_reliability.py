@@ -75,6 +75,16 @@ def test_model_dot_gets_a_run_name_from_the_folder_not_the_out_dir(
     assert runfiles.default_run_name(".") == os.path.basename(tiny_model_dir)
 
 
+def test_a_full_fine_tune_s_model_gets_a_run_name_from_its_run(tmp_path):
+    """Every full fine-tune writes model/: two of them, evaluated alone, went into one folder
+    (results/model-original), the second evaluation replacing the first."""
+    for run in ("full", "full2"):
+        (tmp_path / run / "model").mkdir(parents=True)
+        (tmp_path / run / "config.json").write_text(json.dumps(dict(run_name=run, args={})))
+    names = [runfiles.default_run_name(tmp_path / run / "model") for run in ("full", "full2")]
+    assert names == ["full-model", "full2-model"]
+
+
 def test_overwrite_only_replaces_a_run_folder(base_args, tmp_path, capsys):
     stranger = tmp_path / "results" / "photos"
     stranger.mkdir(parents=True)
@@ -82,6 +92,17 @@ def test_overwrite_only_replaces_a_run_folder(base_args, tmp_path, capsys):
     code, err = cli(base_args + ["--run-name", "photos", "--overwrite"], capsys)
     assert code == 2 and "is not a hyperfit run" in err[0]
     assert (stranger / "holiday.jpg").read_text() == "precious"
+
+
+def test_a_run_inside_another_run_is_refused(base_args, tmp_path, capsys):
+    """A run made inside another run's folder went with it at that run's next --overwrite."""
+    outer = tmp_path / "results" / "outer"
+    outer.mkdir(parents=True)
+    (outer / "config.json").write_text('{"run_name": "outer", "args": {}}')
+    args = replace(base_args, "--out-dir", str(outer)) + ["--run-name", "nested"]
+    code, err = cli(args, capsys)
+    assert code == 2 and len(err) == 1 and f"lies inside the run {outer}" in err[0]
+    assert tree(outer) == ["config.json"]
 
 
 def test_overwrite_replaces_the_run_and_nothing_beside_it(base_args, tmp_path, capsys):
@@ -117,6 +138,21 @@ def test_resume_never_unpickles_code(tiny_model_dir, tiny_data, tmp_path, capsys
     code, err = cli(args, capsys)
     assert code == 2 and len(err) == 1 and "is not a checkpoint this kit wrote" in err[0]
     assert not pwned.exists()
+
+
+def test_a_truncated_checkpoint_weights_file_is_one_line(
+    tiny_model_dir, tiny_data, tmp_path, capsys
+):
+    """A truncated adapter_model.safetensors raised safetensors' traceback on --resume."""
+    run = tiny_run(tiny_model_dir, tiny_data, tmp_path, "r", epochs=1, eval_every=1)
+    weights = run / "checkpoint" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    args = command_line(
+        model=tiny_model_dir, data=tiny_data, out_dir=tmp_path, run_name="r", resume=True, epochs=2
+    )
+    code, err = cli(args, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert "adapter_model.safetensors is not a checkpoint this kit wrote, or is damaged" in err[0]
 
 
 # ---------------------------------------------------------------- 3. a killed save never blocks
@@ -183,6 +219,27 @@ def test_a_full_disk_during_a_save_keeps_the_checkpoint_and_says_so(
 def test_a_non_finite_or_non_positive_lr_is_refused(base_args, tmp_path, capsys, lr):
     code, err = cli(base_args + ["--lr", lr], capsys)
     assert code == 2 and len(err) == 1 and "--lr must be a positive finite number" in err[0]
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (dict(lr=10**400), "--lr must be a positive finite number"),  # an OverflowError
+        (dict(dtype=["x"]), "--dtype must be text (or a path), got ['x']"),  # a TypeError
+        (dict(run_name=5), "--run-name must be text (or a path), got 5"),
+        (dict(out_dir=5), "--out-dir must be text (or a path), got 5"),
+        (dict(lean_loss="False"), "--lean-loss must be True or False, got 'False'"),  # ran, lean
+    ],
+)
+def test_a_python_call_with_a_value_of_the_wrong_kind_is_a_usage_error(
+    tiny_model_dir, tiny_data, tmp_path, setting, message
+):
+    """The Python API took these past the command line's parsing: tracebacks, or a string
+    "False" that ran the lean loss and was recorded as "False"."""
+    given = dict(model=tiny_model_dir, data=tiny_data, out_dir=str(tmp_path / "results"))
+    with pytest.raises(runfiles.UsageError, match=re.escape(message)):
+        hyperfit.hyperfit(**dict(given, **setting), progress=False)
     assert not (tmp_path / "results").exists()
 
 
@@ -758,12 +815,54 @@ def test_out_dir_into_another_run_or_a_foreign_folder_is_refused(finished_run, t
     for out_dir, message in [
         (other / "eval", "lies inside the run"),
         (photos, "not an evaluation folder"),
+        (run / "eval" / "sub", "lies inside the evaluation folder"),  # then run/eval held sub/
     ]:
-        before = tree(out_dir.parent)
+        before = tree(tmp_path)
         assert evaluate.main([str(run), "--out-dir", str(out_dir), "--num-prompts", "2"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err
-        assert tree(out_dir.parent) == before
+        assert tree(tmp_path) == before
+    assert evaluate.main([str(run), "--out-dir", "/", "--num-prompts", "2"]) == 2  # a traceback
+    err = capsys.readouterr().err
+    assert err == "evaluate.py: --out-dir /: an evaluation needs a folder of its own\n"
+
+
+def test_an_out_dir_s_lock_folder_holding_a_user_s_file_is_refused(finished_run, tmp_path, capsys):
+    """An --out-dir elsewhere is locked in .<name>/ beside it: a user's .<name>/.lock there was
+    overwritten with the kit's holder record and left behind."""
+    import evaluate
+
+    run, mine = copy_run(finished_run, tmp_path), tmp_path / "decoy" / ".t4"
+    mine.mkdir(parents=True)
+    (mine / ".lock").write_text('{"mine": 1}')
+    before = tree(tmp_path / "decoy")
+    argv = [str(run), "--out-dir", str(tmp_path / "decoy" / "t4"), "--num-prompts", "2"]
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not the kit's lock folder" in err
+    assert tree(tmp_path / "decoy") == before and (mine / ".lock").read_text() == '{"mine": 1}'
+
+
+def test_a_sigterm_during_an_evaluation_exits_130_and_leaves_no_lock_folder(
+    finished_run, tmp_path, capsys, monkeypatch
+):
+    """SIGTERM killed an evaluation outright: its lock folder .<out-dir>/ stayed in the user's
+    folder. Now it unwinds like Ctrl-C."""
+    import evaluate
+
+    def terminated(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+        pytest.fail("SIGTERM did not stop the evaluation")
+
+    run, previous = copy_run(finished_run, tmp_path), signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(evaluate, "load_nets", terminated)
+    try:
+        code = evaluate.main([str(run), "--out-dir", str(tmp_path / "out" / "t5")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    assert tree(tmp_path / "out") == []
 
 
 # (issue "Reliability, round four"): each case below first broke the kit
