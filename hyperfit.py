@@ -156,7 +156,7 @@ def new_settings(given):
 
 def check_settings(s):
     """Refuse impossible settings with one line naming the option (nothing is loaded yet): each
-    field's own limits (its `least` and `below`), then the rules between settings."""
+    field's own limits (runfiles.check_limits), then the rules between settings."""
     for field in dataclasses.fields(Settings):
         runfiles.check_limits(field, getattr(s, field.name))
     if s.prompt_len >= s.seq_len:
