@@ -371,13 +371,13 @@ class RunLock:
     process gets a UsageError naming the holder. filelock takes an OS lock, which the kernel
     drops when its process dies, so a killed run never blocks the next one. The holder's pid,
     host, start time and command are written into the lock file for that message. A refused run
-    (a UsageError inside the lock) leaves no lock file behind, and folders the lock created stay
-    only if something was written into them. main=False (the other processes of a distributed
-    run): no lock, the main process holds it."""
+    (a UsageError inside the lock) leaves the lock file as it found it (none, or the same bytes
+    and times), and folders the lock created stay only if something was written into them.
+    main=False (the other processes of a distributed run): no lock, the main process holds it."""
 
     def __init__(self, run_dir, command, main=True):
         self.run_dir, self.command, self.main = Path(run_dir), command, main
-        self.lock, self.created, self.new_lock_file = None, [], False
+        self.lock, self.created, self.new_lock_file, self.found = None, [], False, None
 
     def __enter__(self):
         import filelock
@@ -389,6 +389,7 @@ class RunLock:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.lock = filelock.FileLock(str(path), timeout=0)
+            self.found = None if self.new_lock_file else (path.read_bytes(), path.stat())
             self.lock.acquire()
             holder = dict(pid=os.getpid(), host=socket.gethostname(), command=self.command)
             path.write_text(json.dumps(dict(holder, started=time.strftime("%Y-%m-%d %H:%M:%S"))))
@@ -405,8 +406,12 @@ class RunLock:
     def __exit__(self, error_type=None, *exc_info):
         if self.lock is not None and self.lock.is_locked:
             self.lock.release()
+            path = self.run_dir / LOCK_FILE
             if self.new_lock_file and error_type is UsageError:  # refused: leave it as it was
-                (self.run_dir / LOCK_FILE).unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+            elif self.found is not None and error_type is UsageError:
+                path.write_bytes(self.found[0])
+                os.utime(path, ns=(self.found[1].st_atime_ns, self.found[1].st_mtime_ns))
         if self.created and is_empty_run_folder(self.run_dir):  # made for nothing: leave no trace
             shutil.rmtree(self.run_dir, ignore_errors=True)
             for folder in self.created[1:]:  # the parents it made, while nothing else is in them

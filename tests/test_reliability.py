@@ -430,10 +430,15 @@ def test_existing_run_is_never_overwritten_without_asking(base_args, tmp_path, c
     run_dir = tmp_path / "results" / "keep"
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text('{"run_name": "keep", "precious": true}')
+    (run_dir / ".lock").write_text('{"command": "hyperfit.py --run-name keep"}')
+    os.utime(run_dir / ".lock", ns=(10**18, 10**18))
     code, err = cli(base_args + ["--run-name", "keep"], capsys)
     assert code == 2 and "already holds a run; pass --resume" in err[0]
     assert (run_dir / "config.json").read_text() == '{"run_name": "keep", "precious": true}'
-    assert tree(run_dir) == ["config.json"]
+    assert tree(run_dir) == [".lock", "config.json"]
+    # the run's lock file too: its holder record was rewritten by every refused command
+    assert (run_dir / ".lock").read_text() == '{"command": "hyperfit.py --run-name keep"}'
+    assert (run_dir / ".lock").stat().st_mtime_ns == 10**18
 
 
 def test_unwritable_results_folder_is_refused_before_training(base_args, tmp_path, capsys):
