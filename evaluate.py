@@ -153,8 +153,8 @@ def resolve_options(given, device):
 def check_modes(modes, has_run):
     """The modes to evaluate, in the order given; an unknown, repeated or (without a run)
     hyperfitted mode is refused before any work."""
-    modes = modes.split(",") if isinstance(modes, str) else list(modes or [])
-    modes = modes or list(MODES if has_run else ORIGINAL_ONLY_MODES)
+    default = list(MODES if has_run else ORIGINAL_ONLY_MODES)
+    modes = modes.split(",") if modes is not None else default  # a list: resolve_options joins it
     for mode in modes:
         if mode not in MODES:
             raise UsageError(f"--modes: unknown mode {mode!r}; choose from {', '.join(MODES)}")
@@ -873,8 +873,8 @@ def run_lock(setup, out_dir):
     if run is not None and out_dir.is_relative_to(Path(run).resolve()):
         return runfiles.RunLock(run, command)
     folder = out_dir.parent / f".{out_dir.name}"
-    holder = runfiles.RunLock.holder_info(folder / runfiles.LOCK_FILE).get("command")
-    ours = not (folder / runfiles.LOCK_FILE).exists() or str(holder).startswith("evaluate.py")
+    no_lock_yet = not (folder / runfiles.LOCK_FILE).exists()
+    ours = no_lock_yet or runfiles.RunLock.held_by(folder, "evaluate.py")
     if runfiles.foreign_entry(folder, {runfiles.LOCK_FILE}) or not ours:
         raise UsageError(
             f"{folder} is not the kit's lock folder: move it away or choose another --out-dir"

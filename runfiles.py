@@ -289,8 +289,7 @@ def is_run_folder(run_dir):
         config = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
         if isinstance(config, dict) and config.get("run_name") == Path(run_dir).name:
             return True
-    holder = RunLock.holder_info(Path(run_dir) / LOCK_FILE).get("command", "")
-    return str(holder).startswith("hyperfit.py")
+    return RunLock.held_by(run_dir, "hyperfit.py")
 
 
 def is_empty_run_folder(run_dir):
@@ -424,6 +423,12 @@ class RunLock:
             info = json.loads(Path(path).read_text(encoding="utf-8"))
             return info if isinstance(info, dict) else {}
         return {}
+
+    @staticmethod
+    def held_by(folder, script):
+        """Does the lock file in `folder` say `script` (hyperfit.py, evaluate.py) held it?"""
+        command = RunLock.holder_info(Path(folder) / LOCK_FILE).get("command", "")
+        return str(command).startswith(script)
 
     @staticmethod
     def holder(path):
@@ -910,9 +915,8 @@ def check_limits(field, value):
     flag = "--" + field.name.replace("_", "-")
     if value is None and field.default is None:
         return
-    kinds = {str: (str, os.PathLike), bool: (bool,)}.get(
-        field.type
-    )  # a Python call passes anything
+    # the command line parses every value; a Python call may pass anything
+    kinds = {str: (str, os.PathLike), bool: (bool,)}.get(field.type)
     if kinds and not isinstance(value, kinds):
         wanted = "text (or a path)" if field.type is str else "True or False"
         raise UsageError(f"{flag} must be {wanted}, got {value!r}")
