@@ -35,12 +35,13 @@ LOSS_CHUNK_TOKENS = 256  # positions per chunk of the lean loss (x vocabulary x 
 # the lean loss (training) and the dense copy (validation and evaluation)
 
 
-def lean_loss_sum(net, ids, chunk_tokens=LOSS_CHUNK_TOKENS):
-    """plain_loss_sum without ever holding the [batch, tokens, vocabulary] logits: the default
+def lean_loss_sum(net, ids, token_loss, chunk_tokens=LOSS_CHUNK_TOKENS):
+    """hyperfit.plain_loss_sum without ever holding the [batch, tokens, vocabulary] logits, the
+    loss of each chunk by `token_loss` (hyperfit.token_loss_sum, the paper's): the default
     (--no-lean-loss for the plain one). Why: at Llama 3's 128k vocabulary and 8 x 256 tokens the
     full fp32 logits take ~1 GB per copy, more than the 4-bit weights of a 1B model. The net runs
     to its final hidden states (transformers' hidden_states[-1], after the final norm; logits for
-    one position only), then the output layer and the cross-entropy run on `chunk_tokens`
+    one position only), then the output layer and `token_loss` run on `chunk_tokens`
     positions at a time, each chunk recomputed in the backward pass (torch.utils.checkpoint)
     instead of kept. The same sum as plain_loss_sum up to float rounding (a test checks it).
     Only for nets where lean_loss_fits."""
@@ -52,7 +53,7 @@ def lean_loss_sum(net, ids, chunk_tokens=LOSS_CHUNK_TOKENS):
     for start in range(0, len(targets), chunk_tokens):
         chunk = slice(start, start + chunk_tokens)
         total = total + torch.utils.checkpoint.checkpoint(
-            chunk_loss_sum, head, hidden[chunk], targets[chunk], use_reentrant=False
+            chunk_loss_sum, head, hidden[chunk], targets[chunk], token_loss, use_reentrant=False
         )
     return total
 
@@ -65,9 +66,9 @@ def lean_loss_fits(net):
     return not special and "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
-def chunk_loss_sum(head, hidden, targets):
-    """The summed cross-entropy of one chunk of positions: the output layer, then fp32 logits."""
-    return torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
+def chunk_loss_sum(head, hidden, targets, token_loss):
+    """The summed loss of one chunk of positions: the output layer, then `token_loss`."""
+    return token_loss(head(hidden), targets)
 
 
 def float_weight(linear, dtype):

@@ -8,7 +8,8 @@ Phenomenon", ICLR 2025, arXiv 2412.04318).
     python hyperfit.py --resume --run-name smollm2-135m  # continue an interrupted run
     accelerate launch --multi_gpu --num_processes 2 hyperfit.py   # data parallel, same script
 
-In a notebook (this file imported, or pasted into a cell after runfiles.py's and engine.py's):
+In a notebook (this file imported, or pasted into a cell after runfiles.py's, engine.py's and
+measures.py's):
     run_dir = hyperfit(model="smollm2-135m", epochs=10)
 
 Read it top to bottom: the settings and presets; what a run does (`hyperfit`); the loop
@@ -20,7 +21,8 @@ generation, KV-cache generation, accelerate and FSDP, the bundled model's conver
 
 Words used throughout: `model` names what to load (a preset, a local folder or a hub id); `net`
 is the loaded torch module. A run writes everything to results/<run-name>/: config.json,
-metrics.jsonl (one record per validation), samples.jsonl, the LoRA adapter (adapter/; model/
+steps.jsonl (every step's loss), metrics.jsonl (one record per validation), samples.jsonl, the
+LoRA adapter (adapter/; model/
 after a full fine-tune, --lora-r 0) and a resumable checkpoint (checkpoint/).
 """
 
@@ -84,8 +86,8 @@ class Settings:
     epochs: int = setting(20, "passes over the training set", paper=True, least=1)
     batch_size: int = setting(8, "global batch: sequences per optimizer step", paper=True, least=1)
     micro_batch_size: int = setting(None, "sequences per forward (default: batch / GPUs)", least=1)
-    # the paper's full fine-tune takes 1e-6; LoRA needs far more, and every preset sets its own
-    # (smollm2-135m: 2e-3), so this default only reaches a model given by folder or hub id
+    # the paper's full fine-tune takes 1e-6; LoRA needs far more: the CPU preset sets its own
+    # (smollm2-135m: 2e-3); the hub presets and a model given by folder or hub id take this one
     lr: float = setting(1e-4, "constant AdamW learning rate (paper, full fine-tune: 1e-6)", above=0)
     seq_len: int = setting(256, "tokens per training and validation sequence", paper=True, least=1)
     num_train: int = setting(2000, "training sequences", paper=True, least=1)
@@ -254,9 +256,10 @@ def train(run, stop):
 
 def train_step(run, batch):
     """One optimizer step of the paper on the global batch `batch` ([n, seq_len] token ids): the
-    next-token cross-entropy averaged over all its tokens, then AdamW. Returns the batch's mean
-    loss; raises NumericalError, before anything is saved, when the loss or a weight is not
-    finite. `run` needs: net, optimizer, scaler, accelerator, micro_batch_size, lean_loss."""
+    loss of token_loss_sum (the paper's: next-token cross-entropy) averaged over all its tokens,
+    then AdamW. Returns the batch's mean loss; raises NumericalError, before anything is saved,
+    when the loss or a weight is not finite. `run` needs: net, optimizer, scaler, accelerator,
+    micro_batch_size, lean_loss."""
     acc, net = run.accelerator, run.net
     # with several processes (data parallel), each takes its share of the batch
     mine = batch.tensor_split(acc.num_processes)[acc.process_index]
@@ -267,10 +270,10 @@ def train_step(run, batch):
         ids = ids.to(acc.device)
         last = i == len(micro_batches) - 1  # DDP all-reduces the gradients after the last one only
         with contextlib.nullcontext() if last else acc.no_sync(net):
-            # forward + the paper's loss: next-token cross-entropy summed over the micro-batch,
-            # in fp32 (the lean loss is the same sum without ever holding the full logits)
+            # forward + the paper's loss, summed over the micro-batch (token_loss_sum: change
+            # the loss there, both paths call it); the lean path never holds the full logits
             loss_sum = engine.lean_loss_sum if run.lean_loss else plain_loss_sum
-            summed = loss_sum(net, ids)
+            summed = loss_sum(net, ids, token_loss_sum)
             # backward of the mean over the global batch's tokens (x processes: DDP averages
             # the gradients); the scaler multiplies by a large factor with fp16 compute only
             acc.backward(run.scaler.scale(summed * acc.num_processes / tokens))
@@ -292,12 +295,18 @@ def train_step(run, batch):
     return batch_loss
 
 
-def plain_loss_sum(net, ids):
-    """The summed next-token cross-entropy (nats) of the sequences `ids` from the model's full
-    logits, in fp32: the paper's loss, as the official code computes it."""
+def token_loss_sum(logits, targets):
+    """The paper's loss, summed over positions: the next-token cross-entropy (nats) of `logits`
+    [positions, vocabulary] against `targets` [positions], in fp32, as the official code computes
+    it. The one place to change the loss: plain_loss_sum and engine.lean_loss_sum both call it."""
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def plain_loss_sum(net, ids, token_loss):
+    """The summed loss of the sequences `ids` from the model's full logits, by `token_loss`
+    (token_loss_sum, the paper's)."""
     logits = net(input_ids=ids).logits[:, :-1].float()  # position t predicts token t + 1
-    targets = ids[:, 1:].reshape(-1)
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets, reduction="sum")
+    return token_loss(logits.flatten(0, 1), ids[:, 1:].reshape(-1))
 
 
 def validate(net, tokenizer, val_ids, prompt_ids, gen_tokens, batch_size, dense=None, gen=True):
@@ -392,9 +401,9 @@ def prepare_run(settings, run_dir, texts, resume, previous):
 
 
 def validate_and_log(run):
-    """Validate, append the record to metrics.jsonl and three samples to samples.jsonl, and print
-    one line (the main process; under FSDP every process runs the forwards, which gather the
-    shards, and the main one writes)."""
+    """Validate, append the record to metrics.jsonl (and, where it generates, three samples to
+    samples.jsonl), and print one line (the main process; under FSDP every process runs the
+    forwards, which gather the shards, and the main one writes)."""
     s, step, sharded = run.settings, run.step, engine.is_sharded(run.accelerator)
     run.bar.validating(step)  # names the phase: validating k/N
     if run.is_main() or sharded:

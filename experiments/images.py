@@ -410,7 +410,7 @@ def pretrain_digits(train_ids, unseen_ids, progress=True):
         total = 0.0
         for batch in hf.global_batches(len(train_ids), p["batch_size"], p["seed"], epoch):
             ids = train_ids[batch]
-            loss = hf.plain_loss_sum(net, ids) / ids[:, 1:].numel()
+            loss = hf.plain_loss_sum(net, ids, hf.token_loss_sum) / ids[:, 1:].numel()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), p["grad_clip"])

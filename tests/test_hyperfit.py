@@ -179,6 +179,42 @@ def test_train_step_is_the_token_mean_cross_entropy_of_the_batch(tiny_model_dir)
                 assert torch.allclose(weights[name], p, atol=1e-6, rtol=1e-4), name
 
 
+@pytest.mark.parametrize("lean_loss", [True, False])
+def test_a_loss_changed_in_token_loss_sum_is_the_loss_train_step_takes(
+    tiny_model_dir, monkeypatch, lean_loss
+):
+    """A student changes the loss in one place, token_loss_sum, and the step takes it on both
+    paths (the default lean one and --no-lean-loss): here label smoothing 0.1, checked against
+    torch's label-smoothed cross-entropy of the full logits."""
+    from accelerate import Accelerator
+
+    def smoothed(logits, targets):
+        return torch.nn.functional.cross_entropy(
+            logits.float(), targets, reduction="sum", label_smoothing=0.1
+        )
+
+    ids = torch.randint(0, 300, (4, 24), generator=torch.Generator().manual_seed(0))
+    net, _ = lora_net(tiny_model_dir)
+    with torch.no_grad():
+        logits = net(input_ids=ids).logits[:, :-1].float().flatten(0, 1)
+    targets = ids[:, 1:].reshape(-1)
+    expected = torch.nn.functional.cross_entropy(logits, targets, label_smoothing=0.1).item()
+    unchanged = torch.nn.functional.cross_entropy(logits, targets).item()
+    monkeypatch.setattr(hyperfit, "token_loss_sum", smoothed)
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1.0)
+    step = SimpleNamespace(
+        net=net,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cpu", enabled=False),
+        accelerator=Accelerator(cpu=True),
+        micro_batch_size=4,
+        lean_loss=lean_loss,
+    )
+    loss = hyperfit.train_step(step, ids)
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert abs(loss - unchanged) > 1e-3  # the change is seen, not the paper's loss
+
+
 def test_adapter_save_and_reload_gives_identical_logits_and_generations(tiny_model_dir, tmp_path):
     net, _ = lora_net(tiny_model_dir)
     ids = torch.randint(0, 300, (4, 24))

@@ -73,6 +73,7 @@ def test_the_notebook_runs_top_to_bottom(tmp_path, tiny_model_dir):
         o for o in outputs(code[next(i for i, c in enumerate(code) if "getsource" in c.source)])
     ]
     assert "def train_step(" in str(shown)  # the training step, shown from its source
+    assert "def token_loss_sum(" in str(shown)  # and the loss, where a student changes it
 
 
 def test_the_notebook_s_first_cell_clones_the_kit_and_moves_into_it(tmp_path):

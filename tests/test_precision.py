@@ -28,13 +28,17 @@ def lora_net(model_dir, dtype="float32", **kwargs):
 def test_lean_loss_equals_the_plain_loss_to_every_gradient(tiny_model_dir, gradient_checkpointing):
     ids = torch.randint(0, 300, (4, 40), generator=torch.Generator().manual_seed(0))
     results = []
-    for loss_fn in (hyperfit.plain_loss_sum, lambda net, ids: engine.lean_loss_sum(net, ids, 48)):
+    for loss_fn in (
+        hyperfit.plain_loss_sum,
+        lambda net, ids, loss: engine.lean_loss_sum(net, ids, loss, 48),
+    ):
         net = lora_net(tiny_model_dir, gradient_checkpointing=gradient_checkpointing)
         for p in net.parameters():
             if p.requires_grad:
                 p.data.normal_(0, 0.05, generator=torch.Generator().manual_seed(p.numel()))
         net.train()
-        loss = loss_fn(net, ids)  # 4 x 39 = 156 positions: chunks of 48, 48, 48, 12
+        # 4 x 39 = 156 positions: chunks of 48, 48, 48, 12
+        loss = loss_fn(net, ids, hyperfit.token_loss_sum)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.requires_grad}
         results.append((loss.item(), grads))
@@ -53,7 +57,9 @@ def test_lean_loss_never_holds_the_full_logits(tiny_model_dir, monkeypatch):
     seen = []
     handle = head.register_forward_hook(lambda module, args, out: seen.append(out.shape))
     ids = torch.randint(0, 300, (8, 64))
-    engine.lean_loss_sum(net, ids, chunk_tokens=100).backward()  # recomputed chunks: seen again
+    engine.lean_loss_sum(
+        net, ids, hyperfit.token_loss_sum, chunk_tokens=100
+    ).backward()  # recomputed chunks: seen again
     handle.remove()
     vocab = head.weight.shape[0]
     assert seen and all(shape[-1] == vocab and math.prod(shape[:-1]) <= 100 for shape in seen)
