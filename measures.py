@@ -58,9 +58,9 @@ Quality: real words, in the training data's scripts, distributed like the human 
                          the human continuations of the same prompts; features: the last hidden
                          state at the final token of each continuation (the continuation alone,
                          as mauve's featurizer does with its text), from the original model by
-                         default. With few samples mauve-text quantizes into few buckets (32 ->
-                         3): the number is indicative, with a percentile bootstrap interval over
-                         prompts (mauve_ci)
+                         default. Computed only from MAUVE_MIN_SAMPLES (1,000) continuations per
+                         side, with a percentile bootstrap interval over prompts (summary.json:
+                         modes[m].metrics.mauve.ci)
 Self-BLEU's words: nltk.word_tokenize, Punkt sentence split then the Treebank word tokenizer, as
 Texygen calls it; Punkt's English parameters ship as plain text in data/nltk_data.
 """

@@ -7,7 +7,7 @@ imports no other file of the kit, and pasted into a notebook cell it only define
     python plot.py results/<run>                       # every figure and page of one run
     python plot.py results/a results/b --out cmp.png   # overlay the training curves of runs
 
-Reads config.json, metrics.jsonl, eval/summary.json, eval/generations.jsonl and
+Reads config.json, steps.jsonl, metrics.jsonl, eval/summary.json, eval/generations.jsonl and
 human_study/annotate_key.json, and writes next to them:
     training_curves.png        loss / entropy / top-1 probability / TTR during training (Fig. 2)
     eval/table.md              the paper's tables, one row per decoding mode (and the human text)
@@ -484,9 +484,9 @@ def cell(value, digits):
 
 
 def format_table(summary):
-    """table.md: rows = decoding modes and the human text, columns = measures (mean ± std over
-    continuations; set-level measures without ±), then sharpness on validation text and the
-    entropy match."""
+    """table.md: rows = decoding modes and the human text, columns = measures (mean [95 % interval
+    over prompts], else mean ± std; set-level measures alone), then sharpness on validation text
+    and the entropy match."""
     args, mauve = (
         summary["args"],
         next((i["mauve"] for i in summary["modes"].values() if "mauve" in i), None),

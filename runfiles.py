@@ -2,7 +2,7 @@
 The files of a run, kept safe: one plain folder per run, never a folder the kit did not make, one
 process at a time in it (an OS lock), checkpoints that a kill at any moment leaves whole, files
 written whole or not at all, and bad input as one line. hyperfit.py builds the run on these;
-every script of the kit uses them through hyperfit.py. Pasted into a notebook cell (before
+evaluate.py, the experiments and bench.py use them too. Pasted into a notebook cell (before
 hyperfit.py's) it only defines its names.
 
     RunLock(run_dir, command)          one process writes into a run folder at a time
