@@ -305,8 +305,8 @@ def token_loss_sum(logits, targets):
 def plain_loss_sum(net, ids, token_loss):
     """The summed loss of the sequences `ids` from the model's full logits, by `token_loss`
     (token_loss_sum, the paper's)."""
-    logits = net(input_ids=ids).logits[:, :-1].float()  # position t predicts token t + 1
-    return token_loss(logits.flatten(0, 1), ids[:, 1:].reshape(-1))
+    logits = net(input_ids=ids).logits[:, :-1]  # position t predicts token t + 1
+    return token_loss(logits.flatten(0, 1), ids[:, 1:].reshape(-1))  # in fp32 there
 
 
 def validate(net, tokenizer, val_ids, prompt_ids, gen_tokens, batch_size, dense=None, gen=True):
